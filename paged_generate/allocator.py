@@ -1,0 +1,109 @@
+"""Reference-counted pool of fixed-size KV blocks: pure bookkeeping, no tensors of the model."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import OutOfBlocksError
+
+__all__ = ["BlockAllocator"]
+
+
+class BlockAllocator:
+    """Hands out block ids of a pool that grows on demand up to `max_blocks`.
+
+    A block's reference count is the number of block-table entries pointing at it; a block whose count falls to 0 goes
+    back on the free list at once. All methods take and return numpy int64 arrays so that whole rows are handled
+    without Python loops.
+
+    Example
+    -------
+    >>> a = BlockAllocator(block_size=16)
+    >>> ids = a.allocate(3)            # counts 1
+    >>> a.incref(ids[:1])              # shared by a second table: count 2
+    >>> a.decref(ids)                  # ids[1:] are free again
+    >>> int(a.num_used)
+    1
+    """
+
+    def __init__(self, *, block_size: int, capacity: int = 0, max_blocks: int | None = None):
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.ref_counts = np.zeros(0, dtype=np.int64)
+        self._free_stack = np.zeros(0, dtype=np.int64)  # free ids; the top of the stack is at num_free - 1
+        self.num_free = 0
+        self.peak_used = 0
+        self.grow(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.ref_counts)
+
+    @property
+    def num_used(self) -> int:
+        return self.capacity - self.num_free
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return self.num_used + num_blocks <= self._limit()
+
+    def grow(self, new_capacity: int) -> None:
+        """Extend the pool to `new_capacity` ids (never shrinks). New ids are handed out lowest first."""
+        new_capacity = min(new_capacity, self._limit())
+        old_capacity = self.capacity
+        if new_capacity <= old_capacity:
+            return
+        new_ids = np.arange(new_capacity - 1, old_capacity - 1, -1, dtype=np.int64)
+        self.ref_counts = np.concatenate([self.ref_counts, np.zeros(new_capacity - old_capacity, dtype=np.int64)])
+        self._free_stack = np.concatenate([new_ids, self._free_stack[: self.num_free]])
+        self.num_free += len(new_ids)
+
+    def allocate(self, num_blocks: int) -> np.ndarray:
+        """Take `num_blocks` free ids (count 1 each), growing the pool geometrically when it runs dry."""
+        if num_blocks == 0:
+            return np.zeros(0, dtype=np.int64)
+        if not self.can_allocate(num_blocks):
+            raise OutOfBlocksError(
+                needed=num_blocks, in_use=self.num_used, max_blocks=self._limit(), block_size=self.block_size
+            )
+        if num_blocks > self.num_free:
+            self.grow(max(self.num_used + num_blocks, self.capacity + self.capacity // 4))
+        top = self.num_free
+        ids = self._free_stack[top - num_blocks : top][::-1].copy()
+        self.num_free -= num_blocks
+        self.ref_counts[ids] = 1
+        self.peak_used = max(self.peak_used, self.num_used)
+        return ids
+
+    def incref(self, ids: np.ndarray, times: int = 1) -> None:
+        np.add.at(self.ref_counts, ids, times)
+
+    def decref(self, ids: np.ndarray) -> None:
+        """Drop one reference per entry of `ids` (repeats allowed); blocks reaching 0 are freed."""
+        if len(ids) == 0:
+            return
+        np.subtract.at(self.ref_counts, ids, 1)
+        touched = np.unique(ids)
+        if (self.ref_counts[touched] < 0).any():
+            raise AssertionError(f"negative reference count on blocks {touched[self.ref_counts[touched] < 0]}")
+        freed = touched[self.ref_counts[touched] == 0]
+        self._push_free(freed)
+
+    def free_all(self) -> None:
+        """Return every block to the free list (end of a call, or an error)."""
+        self.ref_counts[:] = 0
+        self._free_stack = np.arange(self.capacity - 1, -1, -1, dtype=np.int64)
+        self.num_free = self.capacity
+
+    def _push_free(self, ids: np.ndarray) -> None:
+        n = len(ids)
+        if n == 0:
+            return
+        stack = self._free_stack
+        if self.num_free + n > len(stack):
+            stack = np.concatenate([stack, np.zeros(self.num_free + n - len(stack), dtype=np.int64)])
+        stack[self.num_free : self.num_free + n] = ids[::-1]
+        self._free_stack = stack
+        self.num_free += n
+
+    def _limit(self) -> int:
+        return self.max_blocks if self.max_blocks is not None else np.iinfo(np.int32).max

@@ -1,0 +1,54 @@
+"""The attention and mask functions registered with transformers under `ATTENTION_NAME`."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+__all__ = ["ATTENTION_NAME", "gather_kv", "paged_attention_forward", "register_attention"]
+
+# No "sdpa" / "flash" in the name: transformers treats names containing those specially.
+ATTENTION_NAME = "paged_generate"
+
+
+def gather_kv(pool: torch.Tensor, block_tables: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Rows' K (or V) read through their block tables, as transformers lays K/V out.
+
+    pool: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables: int32 [num_rows, num_blocks_per_row]
+    returns [num_rows, num_kv_heads, seq_len, head_dim]
+    """
+    num_rows, blocks_per_row = block_tables.shape
+    rows = pool.index_select(0, block_tables.reshape(-1)).view(num_rows, blocks_per_row * pool.shape[1], *pool.shape[2:])
+    return rows[:, :seq_len].transpose(1, 2)
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query: [num_rows, num_q_heads, query_len, head_dim] -> (out [num_rows, query_len, num_q_heads, head_dim], None).
+
+    `key` / `value` are a `PagedCache` layer's pools carrying the step's block tables; anything else (no cache,
+    `use_cache=False`, another cache class) is ordinary K/V and goes to PyTorch's SDPA unchanged.
+    """
+    step = getattr(key, "paged_step", None)
+    if step is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    block_tables = key.paged_device_step.block_tables
+    key = gather_kv(key, block_tables, step.seq_len)
+    value = gather_kv(value, block_tables, step.seq_len)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def register_attention() -> None:
+    """Make `ATTENTION_NAME` known to transformers (idempotent; the functions hold no state)."""
+    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

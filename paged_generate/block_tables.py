@@ -1,0 +1,122 @@
+"""Block tables of the rows of one generate() call: fork, append with copy-on-write, select, crop, free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .allocator import BlockAllocator
+
+__all__ = ["AppendPlan", "BlockTables"]
+
+
+@dataclass(frozen=True)
+class AppendPlan:
+    """What a step must do to the KV pools before its new tokens are written.
+
+    copy_src, copy_dst: [num_copies] block ids: copy-on-write copies to make, all of them in one batched copy.
+    slot_mapping: [num_rows, num_new_tokens] pool slot (block_id * block_size + offset) of each new token.
+    """
+
+    copy_src: np.ndarray
+    copy_dst: np.ndarray
+    slot_mapping: np.ndarray
+
+
+class BlockTables:
+    """One row of block ids per sequence; every row holds `seq_len` tokens (generate() left-pads, so lengths agree).
+
+    `tables` is a dense [num_rows, ceil(seq_len / block_size)] int64 array. Rows share blocks by reference; the
+    allocator's counts always equal the number of table entries pointing at each block.
+    """
+
+    def __init__(self, allocator: BlockAllocator, num_rows: int = 0):
+        self.allocator = allocator
+        self.block_size = allocator.block_size
+        self.tables = np.zeros((num_rows, 0), dtype=np.int64)
+        self.seq_len = 0
+
+    @property
+    def num_rows(self) -> int:
+        return self.tables.shape[0]
+
+    def blocks_needed_to_append(self, num_tokens: int) -> int:
+        """Blocks `append(num_tokens)` would take: copies of shared partial blocks plus fresh blocks."""
+        return self._num_copies() + self.num_rows * self._num_new_columns(num_tokens)
+
+    def append(self, num_tokens: int) -> AppendPlan:
+        """Reserve slots for `num_tokens` more tokens in every row.
+
+        A row whose last, partially filled block is also referenced by another row gets its own copy first (the first
+        row referencing a block keeps it). Nothing changes when the allocator cannot supply the blocks.
+        """
+        needed = self.blocks_needed_to_append(num_tokens)
+        if not self.allocator.can_allocate(needed):
+            self.allocator.allocate(needed)  # raises OutOfBlocksError with the figures, before any state changes
+        copy_src, copy_dst = self._copy_shared_tail()
+        num_new = self._num_new_columns(num_tokens)
+        if num_new:
+            fresh = self.allocator.allocate(self.num_rows * num_new).reshape(self.num_rows, num_new)
+            self.tables = np.concatenate([self.tables, fresh], axis=1)
+        positions = np.arange(self.seq_len, self.seq_len + num_tokens)
+        slot_mapping = self.tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
+        self.seq_len += num_tokens
+        return AppendPlan(copy_src, copy_dst, slot_mapping)
+
+    def fork(self, repeats: int) -> None:
+        """Row i becomes rows i*repeats .. i*repeats+repeats-1, all sharing its blocks (no copy)."""
+        if repeats == 1:
+            return
+        self.allocator.incref(self.tables.ravel(), repeats - 1)
+        self.tables = np.repeat(self.tables, repeats, axis=0)
+
+    def select(self, row_indices: np.ndarray) -> None:
+        """New row j is old row `row_indices[j]`; indices may repeat (shared) or be dropped (freed)."""
+        new_tables = self.tables[row_indices]
+        self.allocator.incref(new_tables.ravel())
+        self.allocator.decref(self.tables.ravel())
+        self.tables = new_tables
+
+    def crop(self, new_seq_len: int) -> None:
+        """Forget the tokens from position `new_seq_len` on; blocks left empty are released."""
+        if new_seq_len >= self.seq_len:
+            return
+        keep = -(-new_seq_len // self.block_size)
+        self.allocator.decref(self.tables[:, keep:].ravel())
+        self.tables = self.tables[:, :keep]
+        self.seq_len = new_seq_len
+
+    def free(self) -> None:
+        """Drop every row (the call's blocks go back to the free list)."""
+        self.allocator.decref(self.tables.ravel())
+        self.tables = np.zeros((0, 0), dtype=np.int64)
+        self.seq_len = 0
+
+    def _num_new_columns(self, num_tokens: int) -> int:
+        return -(-(self.seq_len + num_tokens) // self.block_size) - self.tables.shape[1]
+
+    def _has_partial_tail(self) -> bool:
+        return self.seq_len % self.block_size != 0 and self.num_rows > 0
+
+    def _rows_sharing_tail(self) -> np.ndarray:
+        """Rows whose last block is partial and referenced elsewhere, except the first row holding each such block."""
+        tails = self.tables[:, -1]
+        _, first_row = np.unique(tails, return_index=True)
+        writes_in_place = np.zeros(self.num_rows, dtype=bool)
+        writes_in_place[first_row] = self.allocator.ref_counts[tails[first_row]] == np.bincount(tails)[tails[first_row]]
+        return ~writes_in_place
+
+    def _num_copies(self) -> int:
+        return int(self._rows_sharing_tail().sum()) if self._has_partial_tail() else 0
+
+    def _copy_shared_tail(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._has_partial_tail():
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
+        rows = np.flatnonzero(self._rows_sharing_tail())
+        src = self.tables[rows, -1]
+        dst = self.allocator.allocate(len(rows))
+        self.allocator.decref(src)
+        self.tables[rows, -1] = dst
+        return src, dst

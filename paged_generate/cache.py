@@ -1,0 +1,232 @@
+"""`PagedCache`: a `transformers.Cache` whose layers keep K/V in block pools addressed through shared block tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .allocator import BlockAllocator
+from .block_tables import BlockTables
+from .kv_ops import copy_blocks, write_kv
+from .stats import CacheStats
+from .step import PagedStep
+
+__all__ = ["PagedCache", "PagedLayer"]
+
+
+class PagedLayer(CacheLayerMixin):
+    """One attention layer's K/V pools `[num_blocks, block_size, num_kv_heads, head_dim]` on its own device and dtype.
+
+    The block tables live in the owning `PagedCache` and are the same for every layer: a step is planned once, by
+    whichever layer sees it first, and the other layers reuse that plan.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, cache: "PagedCache"):
+        super().__init__()
+        self.cache = cache
+        self.num_written = 0  # tokens per row this layer has stored; lags the cache's length mid-forward
+        self.bytes_per_token = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # key_states: [num_rows, num_kv_heads, query_len, head_dim]
+        _, num_kv_heads, _, head_dim = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.bytes_per_token = 2 * num_kv_heads * head_dim * key_states.element_size()
+        shape = (0, self.cache.block_size, num_kv_heads, head_dim)
+        self.keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.empty(shape, dtype=value_states.dtype, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write `[num_rows, num_kv_heads, query_len, head_dim]` new K/V through the slot mapping; return the pools.
+
+        The returned pools carry the step's metadata (`paged_step`, `paged_device_step`) for the attention function.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        step = self.cache.step_for(self, num_rows=key_states.shape[0], query_len=key_states.shape[-2])
+        self._fit_pool(self.cache.allocator.capacity)
+        device_step = step.on(self.device)
+        if device_step.copy_src.numel():
+            copy_blocks(self.keys, self.values, device_step.copy_src, device_step.copy_dst)
+        write_kv(_tokens_major(key_states), _tokens_major(value_states), self.keys, self.values, device_step.slot_mapping)
+        self.num_written = step.seq_len
+        self.keys.paged_step = self.values.paged_step = step
+        self.keys.paged_device_step = self.values.paged_device_step = device_step
+        return self.keys, self.values
+
+    def _fit_pool(self, capacity: int) -> None:
+        """Grow this layer's pools to the allocator's capacity; one layer at a time, so the peak stays low."""
+        old = self.keys.shape[0]
+        if old >= capacity:
+            return
+        self.keys = _grown(self.keys, capacity)
+        self.values = _grown(self.values, capacity)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def release(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.num_written = 0
+
+    # The container handles these once for all layers (the tables are shared); a layer alone has nothing to do.
+    def reset(self) -> None:
+        self.num_written = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("call PagedCache.reorder_cache: block tables are shared by all layers")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("call PagedCache.crop: block tables are shared by all layers")
+
+
+class PagedCache(Cache):
+    """KV cache with block tables, reference counts and copy-on-write, for `model.generate()`.
+
+    Rows share blocks by reference: `batch_repeat_interleave` (samples and beams of one prompt) and `reorder_cache`
+    (beam search) move block ids and counts, never K/V. A row writing into a block another row still references
+    copies that block first. Pools start empty and grow on demand, up to `max_blocks`.
+
+    Example
+    -------
+    >>> cache = PagedCache(num_layers=model.config.num_hidden_layers)
+    >>> out = model.generate(ids, past_key_values=cache, num_beams=4)  # `cache=cache` on transformers >= 5.24
+    >>> cache.stats().saving
+    0.71
+    """
+
+    def __init__(self, *, num_layers: int, block_size: int = 16, max_blocks: int | None = None):
+        self.block_size = block_size
+        self.allocator = BlockAllocator(block_size=block_size, max_blocks=max_blocks)
+        self.tables = BlockTables(self.allocator)
+        self._step: PagedStep | None = None
+        self._max_rows = 0
+        self._max_seq_len = 0
+        self._peak_capacity = 0
+        self.prefill_rows: int | None = None
+        super().__init__(layers=[PagedLayer(self) for _ in range(num_layers)])
+
+    def step_for(self, layer: PagedLayer, *, num_rows: int, query_len: int) -> PagedStep:
+        """The current forward's step; planned (blocks allocated, copies decided) by its first layer to ask."""
+        if layer.num_written == self.tables.seq_len:
+            return self._plan(num_rows, query_len)
+        if self._step is None or layer.num_written + query_len != self._step.seq_len:
+            raise RuntimeError(
+                f"PagedCache: a layer holding {layer.num_written} tokens was given {query_len} new ones while the "
+                f"cache holds {self.tables.seq_len}; layers of one model must see the same tokens."
+            )
+        return self._step
+
+    def _plan(self, num_rows: int, query_len: int) -> PagedStep:
+        if self.tables.seq_len == 0 and self.tables.num_rows != num_rows:
+            self.tables.free()
+            self.tables = BlockTables(self.allocator, num_rows=num_rows)
+        if num_rows != self.tables.num_rows:
+            raise ValueError(
+                f"PagedCache holds {self.tables.num_rows} rows but the forward has {num_rows}; reorder or select rows "
+                f"with `reorder_cache` / `batch_select_indices` before changing the batch."
+            )
+        past_len = self.tables.seq_len
+        plan = self.tables.append(query_len)
+        self._step = PagedStep(past_len, query_len, self.block_size, self.tables.tables, plan)
+        self._note_peaks()
+        return self._step
+
+    def _note_peaks(self) -> None:
+        self._max_rows = max(self._max_rows, self.tables.num_rows)
+        self._max_seq_len = max(self._max_seq_len, self.tables.seq_len)
+        self._peak_capacity = max(self._peak_capacity, self.allocator.capacity)
+
+    # --- what generate() and users call on a Cache -------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.tables.seq_len
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.tables.seq_len + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: new row j continues old row `beam_idx[j]`. Moves block ids, copies no K/V."""
+        self.select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(indices)
+
+    def select_rows(self, indices: torch.Tensor | np.ndarray) -> None:
+        indices = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        self.tables.select(indices.astype(np.int64, copy=False))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row becomes `repeats` rows sharing its blocks (prompt forked to beams / samples)."""
+        self.tables.fork(repeats)
+        self._note_peaks()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """`crop(-n)` forgets the last n tokens of every row; blocks left empty are freed.
+
+        A positive argument is the length to keep (the older convention transformers < 5.18 still uses).
+        """
+        new_len = tokens_to_remove if tokens_to_remove > 0 else self.tables.seq_len + tokens_to_remove
+        self.tables.crop(max(new_len, 0))
+        for layer in self.layers:
+            layer.num_written = min(layer.num_written, self.tables.seq_len)
+
+    def reset(self) -> None:
+        """Forget every row; the pools are kept for reuse."""
+        self.tables.free()
+        self._step = None
+        for layer in self.layers:
+            layer.reset()
+
+    def release(self) -> CacheStats:
+        """Free every block and drop the pools (end of a generate() call); returns the call's figures."""
+        stats = self.stats()
+        self.reset()
+        for layer in self.layers:
+            layer.release()
+        return stats
+
+    def stats(self) -> CacheStats:
+        bytes_per_token = sum(layer.bytes_per_token for layer in self.layers)
+        return CacheStats(
+            block_size=self.block_size,
+            peak_blocks=self.allocator.peak_used,
+            peak_kv_bytes=self.allocator.peak_used * self.block_size * bytes_per_token,
+            pool_bytes=self._peak_capacity * self.block_size * bytes_per_token,
+            dense_kv_bytes=self._max_rows * self._max_seq_len * bytes_per_token,
+            rows=self._max_rows,
+            max_seq_len=self._max_seq_len,
+            prefill_rows=self.prefill_rows,
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return self.tables.num_rows
+
+
+def _tokens_major(states: torch.Tensor) -> torch.Tensor:
+    # [num_rows, num_kv_heads, query_len, head_dim] -> [num_rows * query_len, num_kv_heads, head_dim]
+    return states.transpose(1, 2).reshape(-1, states.shape[1], states.shape[3])
+
+
+def _grown(pool: torch.Tensor, capacity: int) -> torch.Tensor:
+    grown = torch.empty((capacity, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+    grown[: pool.shape[0]] = pool
+    return grown

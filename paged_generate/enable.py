@@ -1,0 +1,135 @@
+"""`enable_paged_cache` / `disable_paged_cache` / `cache_stats`: the user-facing switch."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import ATTENTION_NAME, register_attention
+from .errors import UnsupportedModelError
+from .patches import generate as generate_patch
+from .stats import CacheStats
+
+__all__ = ["cache_stats", "disable_paged_cache", "enable_paged_cache", "is_paged_cache_enabled"]
+
+_STATE_ATTR = "_paged_generate_state"
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+SUPPORTED_MODELS_HINT = (
+    "paged-generate serves decoder-only models whose attention goes through transformers' attention registry and "
+    "whose layers are all full or sliding-window attention (Llama, Mistral, Qwen2, ...); see the support matrix in "
+    "the README. Run this model without the plugin (`disable_paged_cache(model)` or simply don't enable it)."
+)
+
+
+def enable_paged_cache(
+    model: torch.nn.Module,
+    *,
+    block_size: int = 16,
+    max_blocks: int | None = None,
+    max_cache_bytes: int | None = None,
+) -> torch.nn.Module:
+    """Make every later `model.generate(...)` keep its KV cache in shared, copy-on-write blocks.
+
+    Parameters
+    ----------
+    model : a transformers causal LM (decoder-only, attention through the attention registry).
+    block_size : tokens per KV block, a power of two in [1, 256].
+    max_blocks : cap on the blocks one generate() call may hold; exceeding it raises `OutOfBlocksError`.
+    max_cache_bytes : the same cap in bytes of K/V over all layers (converted with the model's dtype).
+
+    Returns the model, enabled. Enabling an enabled model updates its settings. A cache passed explicitly to
+    `generate` is used as is; `use_cache=False` and `cache_implementation="static"` etc. keep stock behaviour.
+
+    Example
+    -------
+    >>> model = enable_paged_cache(AutoModelForCausalLM.from_pretrained(path))
+    >>> out = model.generate(ids, num_beams=8, max_new_tokens=64)
+    >>> cache_stats(model).saving
+    0.78
+    """
+    _check_settings(block_size, max_blocks, max_cache_bytes)
+    _check_supported(model)
+    if max_cache_bytes is not None:
+        per_block = block_size * _bytes_per_token(model)
+        max_blocks = min(max_blocks or max_cache_bytes // per_block, max_cache_bytes // per_block)
+    previous = getattr(model, _STATE_ATTR, None)
+    register_attention()
+    state = generate_patch.PluginState(
+        block_size=block_size,
+        max_blocks=max_blocks,
+        original_attn_implementation=(
+            previous.original_attn_implementation if previous else model.config._attn_implementation
+        ),
+    )
+    if previous is None:
+        model.set_attn_implementation(ATTENTION_NAME)
+    setattr(model, _STATE_ATTR, state)
+    generate_patch.install(model, state)
+    return model
+
+
+def disable_paged_cache(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `enable_paged_cache`: stock `generate()` and the model's original attention implementation."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    generate_patch.uninstall(model)
+    model.set_attn_implementation(state.original_attn_implementation)
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def is_paged_cache_enabled(model: torch.nn.Module) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def cache_stats(model: torch.nn.Module) -> CacheStats:
+    """Figures of the most recent `generate()` on an enabled model (see `CacheStats`)."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("cache_stats: this model is not enabled; call `enable_paged_cache(model)` first.")
+    if state.last_stats is None:
+        raise ValueError("cache_stats: no generate() call has finished on this model since it was enabled.")
+    return state.last_stats
+
+
+def _check_settings(block_size, max_blocks, max_cache_bytes) -> None:
+    for name, value in (("block_size", block_size), ("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"enable_paged_cache: `{name}` must be an int, got {type(value).__name__} ({value!r}).")
+    if not 1 <= block_size <= 256 or block_size & (block_size - 1):
+        raise ValueError(
+            f"enable_paged_cache: block_size={block_size} must be a power of two between 1 and 256 (16 is the default)."
+        )
+    for name, value in (("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes)):
+        if value is not None and value <= 0:
+            raise ValueError(f"enable_paged_cache: `{name}` must be positive, or None for no cap; got {value}.")
+
+
+def _check_supported(model) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "generate"):
+        raise UnsupportedModelError(f"{type(model).__name__} is not a transformers generation model. {SUPPORTED_MODELS_HINT}")
+    name = type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder model. {SUPPORTED_MODELS_HINT}")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{name}'s attention does not go through transformers' attention registry. {SUPPORTED_MODELS_HINT}"
+        )
+    if hasattr(model, "_supports_default_dynamic_cache") and not model._supports_default_dynamic_cache():
+        raise UnsupportedModelError(f"{name} keeps a cache of its own (recurrent state). {SUPPORTED_MODELS_HINT}")
+    text_config = config.get_text_config(decoder=True)
+    layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
+    if not layer_types <= _ATTENTION_LAYER_TYPES:
+        raise UnsupportedModelError(
+            f"{name} has layers of type {sorted(layer_types - _ATTENTION_LAYER_TYPES)}. {SUPPORTED_MODELS_HINT}"
+        )
+
+
+def _bytes_per_token(model) -> int:
+    config = model.config.get_text_config(decoder=True)
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    element_size = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * num_kv_heads * head_dim * element_size * config.num_hidden_layers

@@ -1,0 +1,19 @@
+"""KV writes and block copies on the pools, dispatched to the Triton kernels or to PyTorch."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["copy_blocks", "write_kv"]
+
+
+def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """key, value: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]."""
+    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key)
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+
+
+def copy_blocks(key_cache, value_cache, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy whole blocks src[i] -> dst[i] of both pools (one indexed copy per pool)."""
+    key_cache.index_copy_(0, dst, key_cache.index_select(0, src))
+    value_cache.index_copy_(0, dst, value_cache.index_select(0, src))

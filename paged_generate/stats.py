@@ -1,0 +1,35 @@
+"""Memory figures of one generate() call."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["CacheStats"]
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What the paged cache of one `generate()` call used, next to what the stock contiguous cache would hold.
+
+    peak_kv_bytes: bytes of the blocks in use at the peak, summed over layers.
+    pool_bytes: bytes the pools reserved (their largest size during the call).
+    dense_kv_bytes: rows x longest length x bytes per token summed over layers: the stock cache at its peak.
+    saving: 1 - peak_kv_bytes / dense_kv_bytes.
+    prefill_rows: rows the prompt forward ran on (distinct prompts, when prefill-once applied).
+    """
+
+    block_size: int
+    peak_blocks: int
+    peak_kv_bytes: int
+    pool_bytes: int
+    dense_kv_bytes: int
+    rows: int
+    max_seq_len: int
+    prefill_rows: int | None = None
+
+    @property
+    def saving(self) -> float:
+        return 1.0 - self.peak_kv_bytes / self.dense_kv_bytes if self.dense_kv_bytes else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "saving": self.saving}
