@@ -8,6 +8,8 @@ from .errors import OutOfBlocksError
 
 __all__ = ["BlockAllocator"]
 
+_NO_LIMIT = 2**31 - 1  # block ids are int32 in the device-side tables
+
 
 class BlockAllocator:
     """Hands out block ids of a pool that grows on demand up to `max_blocks`.
@@ -106,4 +108,4 @@ class BlockAllocator:
         self.num_free += n
 
     def _limit(self) -> int:
-        return self.max_blocks if self.max_blocks is not None else np.iinfo(np.int32).max
+        return self.max_blocks if self.max_blocks is not None else _NO_LIMIT

@@ -36,6 +36,8 @@ class BlockTables:
         self.block_size = allocator.block_size
         self.tables = np.zeros((num_rows, 0), dtype=np.int64)
         self.seq_len = 0
+        # Only fork and select can make rows share a tail block; until then appends skip the sharing check.
+        self._tails_may_be_shared = False
 
     @property
     def num_rows(self) -> int:
@@ -70,6 +72,7 @@ class BlockTables:
             return
         self.allocator.incref(self.tables.ravel(), repeats - 1)
         self.tables = np.repeat(self.tables, repeats, axis=0)
+        self._tails_may_be_shared = True
 
     def select(self, row_indices: np.ndarray) -> None:
         """New row j is old row `row_indices[j]`; indices may repeat (shared) or be dropped (freed)."""
@@ -77,6 +80,7 @@ class BlockTables:
         self.allocator.incref(new_tables.ravel())
         self.allocator.decref(self.tables.ravel())
         self.tables = new_tables
+        self._tails_may_be_shared = True
 
     def crop(self, new_seq_len: int) -> None:
         """Forget the tokens from position `new_seq_len` on; blocks left empty are released."""
@@ -86,6 +90,7 @@ class BlockTables:
         self.allocator.decref(self.tables[:, keep:].ravel())
         self.tables = self.tables[:, :keep]
         self.seq_len = new_seq_len
+        self._tails_may_be_shared = True  # a shared full block may now be a partial tail
 
     def free(self) -> None:
         """Drop every row (the call's blocks go back to the free list)."""
@@ -97,7 +102,7 @@ class BlockTables:
         return -(-(self.seq_len + num_tokens) // self.block_size) - self.tables.shape[1]
 
     def _has_partial_tail(self) -> bool:
-        return self.seq_len % self.block_size != 0 and self.num_rows > 0
+        return self._tails_may_be_shared and self.seq_len % self.block_size != 0 and self.num_rows > 0
 
     def _rows_sharing_tail(self) -> np.ndarray:
         """Rows whose last block is partial and referenced elsewhere, except the first row holding each such block."""
@@ -115,6 +120,7 @@ class BlockTables:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty
         rows = np.flatnonzero(self._rows_sharing_tail())
+        self._tails_may_be_shared = False
         src = self.tables[rows, -1]
         dst = self.allocator.allocate(len(rows))
         self.allocator.decref(src)

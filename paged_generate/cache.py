@@ -168,6 +168,8 @@ class PagedCache(Cache):
         self.select_rows(indices)
 
     def select_rows(self, indices: torch.Tensor | np.ndarray) -> None:
+        if self.tables.seq_len == 0:  # nothing stored yet: the next forward sets the rows (as stock caches do)
+            return
         indices = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
         if indices.dtype == bool:
             indices = np.flatnonzero(indices)
@@ -175,6 +177,8 @@ class PagedCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Each row becomes `repeats` rows sharing its blocks (prompt forked to beams / samples)."""
+        if self.tables.seq_len == 0:
+            return
         self.tables.fork(repeats)
         self._note_peaks()
 

@@ -62,4 +62,6 @@ class PagedStep:
 
 
 def _to(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if array.size == 0:
+        return torch.empty(array.shape, dtype=dtype, device=device)
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype, non_blocking=True)

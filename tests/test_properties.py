@@ -1,0 +1,151 @@
+"""Stateful property tests: PagedCache against a dense per-row reference under random cache operations.
+
+Profiles: `ci` (default) and `thorough` (`HYPOTHESIS_PROFILE=thorough pytest tests/test_properties.py`).
+"""
+
+import os
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from paged_generate import OutOfBlocksError, PagedCache
+from paged_generate.attention import gather_kv
+
+settings.register_profile(
+    "ci", max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("thorough", max_examples=3000, stateful_step_count=60, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+NUM_LAYERS, HEADS, HEAD_DIM = 2, 2, 3
+MAX_ROWS = 8
+OPERATIONS = {"count": 0}
+
+
+class PagedCacheMachine(RuleBasedStateMachine):
+    @initialize(
+        block_size=st.sampled_from([1, 2, 4]),
+        max_blocks=st.one_of(st.none(), st.integers(4, 40)),
+        rows=st.integers(1, 4),
+    )
+    def start(self, block_size, max_blocks, rows):
+        self.cache = PagedCache(num_layers=NUM_LAYERS, block_size=block_size, max_blocks=max_blocks)
+        self.rows = rows
+        # reference[layer] = (K, V) each [rows, seq_len, heads, head_dim]
+        self.reference = [(torch.zeros(rows, 0, HEADS, HEAD_DIM),) * 2 for _ in range(NUM_LAYERS)]
+        self.counter = 0
+
+    def _fresh(self, rows, tokens):
+        self.counter += 1
+        generator = torch.Generator().manual_seed(self.counter)
+        return torch.randn(rows, HEADS, tokens, HEAD_DIM, generator=generator)
+
+    @rule(tokens=st.integers(1, 5))
+    def append(self, tokens):
+        OPERATIONS["count"] += 1
+        shared_before = self._snapshot_shared_blocks()
+        new = [(self._fresh(self.rows, tokens), self._fresh(self.rows, tokens)) for _ in range(NUM_LAYERS)]
+        try:
+            for layer, (k, v) in enumerate(new):
+                self.cache.update(k, v, layer)
+        except OutOfBlocksError:
+            assert all(layer.num_written == self.cache.get_seq_length() for layer in self.cache.layers)
+            return
+        self.reference = [
+            (torch.cat([rk, k.transpose(1, 2)], 1), torch.cat([rv, v.transpose(1, 2)], 1))
+            for (rk, rv), (k, v) in zip(self.reference, new)
+        ]
+        # Blocks shared before and after the step were not written: writes go to each row's exclusive tail.
+        for layer, blocks, keys in shared_before:
+            still_shared = torch.from_numpy(self.cache.allocator.ref_counts[blocks.numpy()] > 1)
+            after = self.cache.layers[layer].keys[blocks]
+            assert torch.equal(after[still_shared], keys[still_shared]), "a write landed in a shared block"
+
+    @precondition(lambda self: self.rows * 3 <= MAX_ROWS)
+    @rule(repeats=st.integers(1, 3))
+    def fork(self, repeats):
+        OPERATIONS["count"] += 1
+        self.cache.batch_repeat_interleave(repeats)
+        self.rows *= repeats
+        self.reference = [(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)) for k, v in self.reference]
+
+    @rule(data=st.data())
+    def reorder(self, data):
+        OPERATIONS["count"] += 1
+        indices = data.draw(st.lists(st.integers(0, self.rows - 1), min_size=self.rows, max_size=self.rows))
+        self._select(indices, self.cache.reorder_cache)
+
+    @rule(data=st.data())
+    def select(self, data):
+        OPERATIONS["count"] += 1
+        indices = data.draw(st.lists(st.integers(0, self.rows - 1), min_size=1, max_size=MAX_ROWS, unique=True))
+        self._select(sorted(indices), self.cache.batch_select_indices)
+
+    def _select(self, indices, method):
+        method(torch.tensor(indices))
+        self.rows = len(indices)
+        self.reference = [(k[indices], v[indices]) for k, v in self.reference]
+
+    @precondition(lambda self: self.cache.get_seq_length() > 0)
+    @rule(data=st.data())
+    def crop(self, data):
+        OPERATIONS["count"] += 1
+        remove = data.draw(st.integers(1, self.cache.get_seq_length()))
+        self.cache.crop(-remove)
+        new_len = self.cache.get_seq_length()
+        self.reference = [(k[:, :new_len], v[:, :new_len]) for k, v in self.reference]
+
+    @rule()
+    def reset(self):
+        OPERATIONS["count"] += 1
+        self.cache.reset()
+        self.reference = [(k[:, :0], v[:, :0]) for k, v in self.reference]
+
+    def _snapshot_shared_blocks(self):
+        """(layer, block ids referenced more than once, their K) before a write."""
+        allocator = self.cache.allocator
+        shared = np.flatnonzero(allocator.ref_counts > 1)
+        if len(shared) == 0:
+            return []
+        blocks = torch.from_numpy(shared)
+        return [(i, blocks, layer.keys[blocks].clone()) for i, layer in enumerate(self.cache.layers)
+                if layer.is_initialized and layer.keys.shape[0] > int(shared.max())]
+
+    @invariant()
+    def rows_read_through_tables_equal_reference(self):
+        seq_len = self.cache.get_seq_length()
+        if seq_len == 0 or not self.cache.layers[0].is_initialized:
+            return
+        tables = torch.from_numpy(self.cache.tables.tables).to(torch.int32)
+        assert tables.shape[0] == self.rows
+        for layer, (ref_k, ref_v) in zip(self.cache.layers, self.reference):
+            assert torch.equal(gather_kv(layer.keys, tables, seq_len).transpose(1, 2), ref_k)
+            assert torch.equal(gather_kv(layer.values, tables, seq_len).transpose(1, 2), ref_v)
+
+    @invariant()
+    def counts_equal_table_references_and_free_list_partitions_pool(self):
+        allocator = self.cache.allocator
+        references = np.bincount(self.cache.tables.tables.ravel(), minlength=allocator.capacity)
+        np.testing.assert_array_equal(allocator.ref_counts, references)
+        free = allocator._free_stack[: allocator.num_free].tolist()
+        assert len(set(free)) == len(free)
+        assert set(free) == set(np.flatnonzero(references == 0).tolist())
+        if allocator.max_blocks is not None:
+            assert allocator.capacity <= allocator.max_blocks
+
+    def teardown(self):
+        if hasattr(self, "cache"):
+            self.cache.release()
+            assert self.cache.allocator.num_used == 0
+
+
+TestPagedCache = PagedCacheMachine.TestCase
+
+
+def test_report_operation_count():
+    # Runs after the machine (file order): the number of cache operations this run exercised.
+    print(f"\nhypothesis exercised {OPERATIONS['count']} cache operations")
+    assert OPERATIONS["count"] > 0
