@@ -7,6 +7,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .shared_prefix import prefix_view, shared_prefix_attention
+
 __all__ = ["ATTENTION_NAME", "gather_kv", "paged_attention_forward", "register_attention"]
 
 # No "sdpa" / "flash" in the name: transformers treats names containing those specially.
@@ -42,10 +44,47 @@ def paged_attention_forward(
     step = getattr(key, "paged_step", None)
     if step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if _can_split_shared_prefix(step, dropout, kwargs):
+        return _shared_prefix_forward(module, query, key, value, attention_mask, step, scaling), None
     block_tables = key.paged_device_step.block_tables
     key = gather_kv(key, block_tables, step.seq_len)
     value = gather_kv(value, block_tables, step.seq_len)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _can_split_shared_prefix(step, dropout: float, kwargs: dict) -> bool:
+    shared = step.shared
+    return (
+        shared is not None
+        and shared.group_size > 1
+        and shared.num_blocks > 0
+        and step.query_len == 1
+        and not dropout
+        and not kwargs.get("softcap")
+        and kwargs.get("s_aux") is None
+    )
+
+
+def _shared_prefix_forward(module, query, key_pool, value_pool, attention_mask, step, scaling) -> torch.Tensor:
+    """Decode step with rows grouped by shared leading blocks; `attention_mask` is sdpa_mask's [rows, 1, 1, seq] or None."""
+    groups = step.shared_on(key_pool.device)
+    shared = step.shared
+    prefix_len = shared.num_blocks * step.block_size
+    prefix_keys = None
+    if groups.prefix_layout is not None:
+        num_groups = step.num_rows // shared.group_size
+        prefix_keys = tuple(prefix_view(pool, groups.prefix_layout, num_groups, shared.num_blocks)
+                            for pool in (key_pool, value_pool))
+    visible = attention_mask[:, 0, -1, :] if attention_mask is not None else None
+    scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+    return shared_prefix_attention(
+        query, key_pool, value_pool,
+        row_group=groups.row_group, prefix_tables=groups.prefix_tables, prefix_lens=groups.prefix_lens,
+        suffix_tables=groups.suffix_tables, suffix_lens=groups.suffix_lens, scale=scale,
+        prefix_visible=visible[:: shared.group_size, :prefix_len] if visible is not None else None,
+        suffix_visible=visible[:, prefix_len:] if visible is not None else None,
+        prefix_keys=prefix_keys,
+    )
 
 
 def register_attention() -> None:

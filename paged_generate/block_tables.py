@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .allocator import BlockAllocator
+from .shared_prefix import SharedPrefix
 
 __all__ = ["AppendPlan", "BlockTables"]
 
@@ -38,6 +39,8 @@ class BlockTables:
         self.seq_len = 0
         # Only fork and select can make rows share a tail block; until then appends skip the sharing check.
         self._tails_may_be_shared = False
+        # Which leading blocks groups of rows share: set by fork, kept by group-preserving selects (beam search).
+        self.shared: SharedPrefix | None = None
 
     @property
     def num_rows(self) -> int:
@@ -73,12 +76,18 @@ class BlockTables:
         self.allocator.incref(self.tables.ravel(), repeats - 1)
         self.tables = np.repeat(self.tables, repeats, axis=0)
         self._tails_may_be_shared = True
+        full_blocks = self.seq_len // self.block_size  # a partial block will be copied on write: not shared for long
+        if self.shared is None:
+            self.shared = SharedPrefix(repeats, full_blocks)
+        else:
+            self.shared = SharedPrefix(self.shared.group_size * repeats, self.shared.num_blocks)
 
     def select(self, row_indices: np.ndarray) -> None:
         """New row j is old row `row_indices[j]`; indices may repeat (shared) or be dropped (freed)."""
         new_tables = self.tables[row_indices]
         self.allocator.incref(new_tables.ravel())
         self.allocator.decref(self.tables.ravel())
+        self.shared = self._shared_after_select(row_indices)
         self.tables = new_tables
         self._tails_may_be_shared = True
 
@@ -91,12 +100,23 @@ class BlockTables:
         self.tables = self.tables[:, :keep]
         self.seq_len = new_seq_len
         self._tails_may_be_shared = True  # a shared full block may now be a partial tail
+        if self.shared is not None:
+            self.shared = SharedPrefix(self.shared.group_size, min(self.shared.num_blocks, new_seq_len // self.block_size))
 
     def free(self) -> None:
         """Drop every row (the call's blocks go back to the free list)."""
         self.allocator.decref(self.tables.ravel())
         self.tables = np.zeros((0, 0), dtype=np.int64)
         self.seq_len = 0
+        self.shared = None
+
+    def _shared_after_select(self, row_indices: np.ndarray) -> SharedPrefix | None:
+        """Groups survive a select that keeps every group's size and draws each row from its own group (beams)."""
+        shared = self.shared
+        if shared is None or len(row_indices) != self.num_rows:
+            return None
+        own_group = np.arange(len(row_indices)) // shared.group_size
+        return shared if np.array_equal(row_indices // shared.group_size, own_group) else None
 
     def _num_new_columns(self, num_tokens: int) -> int:
         return -(-(self.seq_len + num_tokens) // self.block_size) - self.tables.shape[1]

@@ -38,8 +38,8 @@ class PagedLayer(CacheLayerMixin):
         self.device, self.dtype = key_states.device, key_states.dtype
         self.bytes_per_token = 2 * num_kv_heads * head_dim * key_states.element_size()
         shape = (0, self.cache.block_size, num_kv_heads, head_dim)
-        self.keys = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.values = torch.empty(shape, dtype=value_states.dtype, device=self.device)
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=value_states.dtype, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -141,7 +141,7 @@ class PagedCache(Cache):
             )
         past_len = self.tables.seq_len
         plan = self.tables.append(query_len)
-        self._step = PagedStep(past_len, query_len, self.block_size, self.tables.tables, plan)
+        self._step = PagedStep(past_len, query_len, self.block_size, self.tables.tables, plan, self.tables.shared)
         self._note_peaks()
         return self._step
 
@@ -231,6 +231,8 @@ def _tokens_major(states: torch.Tensor) -> torch.Tensor:
 
 
 def _grown(pool: torch.Tensor, capacity: int) -> torch.Tensor:
-    grown = torch.empty((capacity, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+    # Zeros, not empty: attention reads whole blocks and masks the slots past a row's length with weight 0, and
+    # 0 * NaN garbage would still be NaN.
+    grown = torch.zeros((capacity, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
     grown[: pool.shape[0]] = pool
     return grown

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from .block_tables import AppendPlan
+from .shared_prefix import SharedPrefix
 
-__all__ = ["DeviceStep", "PagedStep"]
+__all__ = ["DeviceSharedPrefix", "DeviceStep", "PagedStep"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,24 @@ class DeviceStep:
     copy_dst: torch.Tensor
 
 
+@dataclass(frozen=True)
+class DeviceSharedPrefix:
+    """Groups of rows sharing leading blocks, as `shared_prefix_attention` takes them, on one device.
+
+    row_group: int64 [num_rows]; prefix_tables: int64 [num_groups, num_shared_blocks];
+    prefix_lens: int64 [num_groups]; suffix_tables: int64 [num_rows, num_own_blocks]; suffix_lens: int64 [num_rows]
+    prefix_layout: (first block, block stride between groups) when group g's shared blocks are
+        first + g * stride + [0, 1, ...], so the prefix K/V is a strided view of the pool (no gather); else None.
+    """
+
+    row_group: torch.Tensor
+    prefix_tables: torch.Tensor
+    prefix_lens: torch.Tensor
+    suffix_tables: torch.Tensor
+    suffix_lens: torch.Tensor
+    prefix_layout: tuple[int, int] | None
+
+
 @dataclass
 class PagedStep:
     """One forward pass: `query_len` new tokens per row after `past_len` cached ones.
@@ -39,7 +58,9 @@ class PagedStep:
     block_size: int
     tables: np.ndarray  # [num_rows, num_blocks_per_row], after this step's allocation
     plan: AppendPlan
+    shared: SharedPrefix | None = None
     _by_device: dict = field(default_factory=dict, repr=False)
+    _shared_by_device: dict = field(default_factory=dict, repr=False)
 
     @property
     def seq_len(self) -> int:
@@ -59,6 +80,34 @@ class PagedStep:
                 copy_dst=_to(self.plan.copy_dst, torch.int64, device),
             )
         return cached
+
+    def shared_on(self, device: torch.device) -> DeviceSharedPrefix:
+        cached = self._shared_by_device.get(device)
+        if cached is None:
+            cached = self._shared_by_device[device] = self._build_shared(device)
+        return cached
+
+    def _build_shared(self, device: torch.device) -> DeviceSharedPrefix:
+        group_size, num_shared = self.shared.group_size, self.shared.num_blocks
+        num_groups = self.num_rows // group_size
+        prefix = self.tables[::group_size, :num_shared]
+        suffix_len = self.seq_len - num_shared * self.block_size
+        return DeviceSharedPrefix(
+            row_group=_to(np.arange(self.num_rows) // group_size, torch.int64, device),
+            prefix_tables=_to(prefix, torch.int64, device),
+            prefix_lens=torch.full((num_groups,), num_shared * self.block_size, dtype=torch.int64, device=device),
+            suffix_tables=_to(self.tables[:, num_shared:], torch.int64, device),
+            suffix_lens=torch.full((self.num_rows,), suffix_len, dtype=torch.int64, device=device),
+            prefix_layout=_regular_layout(prefix),
+        )
+
+
+def _regular_layout(prefix: np.ndarray) -> tuple[int, int] | None:
+    """(first, stride) if prefix[g, j] == first + g * stride + j for all g, j; else None."""
+    first = int(prefix[0, 0])
+    stride = int(prefix[1, 0] - first) if prefix.shape[0] > 1 else 0
+    expected = first + stride * np.arange(prefix.shape[0])[:, None] + np.arange(prefix.shape[1])[None, :]
+    return (first, stride) if stride >= 0 and np.array_equal(prefix, expected) else None
 
 
 def _to(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -12,7 +12,7 @@ def model(request):
     return tiny_model(request.param)
 
 
-def _inputs(lengths=(13, 7)):
+def _inputs(lengths=(37, 21)):
     input_ids, attention_mask = left_padded_prompts(lengths)
     return dict(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=0)
 
@@ -83,3 +83,23 @@ def test_prompt_crossing_many_blocks(model):
         model, input_ids=input_ids, attention_mask=attention_mask, pad_token_id=0, max_new_tokens=20, num_beams=3
     )
     assert torch.equal(stock, paged)
+
+
+def test_shared_prefix_path_runs_and_groups_match_tables(model, monkeypatch):
+    import paged_generate.attention as attention
+
+    seen = []
+    original = attention._shared_prefix_forward
+
+    def spy(module, query, key_pool, value_pool, attention_mask, step, scaling):
+        shared = step.shared
+        prefix = step.tables[:, : shared.num_blocks].reshape(-1, shared.group_size, shared.num_blocks)
+        assert (prefix == prefix[:, :1]).all(), "rows of a group must hold the same leading blocks"
+        seen.append((shared.group_size, shared.num_blocks))
+        return original(module, query, key_pool, value_pool, attention_mask, step, scaling)
+
+    monkeypatch.setattr(attention, "_shared_prefix_forward", spy)
+    for kwargs in (dict(num_beams=4), dict(do_sample=True, num_return_sequences=3)):
+        stock, paged, _ = generate_both(model, **_inputs(), max_new_tokens=10, **kwargs)
+        assert torch.equal(stock, paged)
+    assert (4, 2) in seen and (3, 2) in seen  # 37-token prompts: two full blocks shared per group

@@ -1,0 +1,157 @@
+"""Shared-prefix (cascade) attention: attend to a group's shared blocks once for all its rows, then merge.
+
+Rows of one prompt (its beams or samples) share their leading blocks. For one decode step, the attention of every
+member over those blocks is one matrix-matrix product per group instead of one matrix-vector product per row; each
+row then attends to its own remaining blocks, and the two partial softmaxes are merged exactly through their
+log-sum-exp (FlashInfer's cascade attention, Hydragen, bifurcated attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SharedPrefix", "attend_partial", "merge_partials", "shared_prefix_attention"]
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Rows [g * group_size, (g + 1) * group_size) all hold the same first `num_blocks` blocks."""
+
+    group_size: int
+    num_blocks: int
+
+
+def attend_partial(query, key, value, visible, scale: float):
+    """Softmax attention over part of the keys, with its log-sum-exp for merging.
+
+    query: [..., num_queries, head_dim]; key, value: [..., num_keys, head_dim]; visible: bool, broadcastable to
+    [..., num_queries, num_keys] or None. Returns (out [..., num_queries, head_dim] normalised, lse [..., num_queries]).
+    A query that sees no key gets out = 0 and lse = -inf, so it drops out of the merge.
+    """
+    scores = _accumulator(torch.matmul(query, key.transpose(-1, -2))) * scale
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    weights = torch.exp(scores - lse.nan_to_num(neginf=0.0))  # rows with no key: exp(-inf) = 0 everywhere
+    out = torch.matmul(weights.to(value.dtype), value)
+    return out, lse.squeeze(-1)
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Exact softmax over the union of two disjoint key sets from their partial results. Shapes as attend_partial."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = lse.nan_to_num(neginf=0.0)
+    weight_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    return (_accumulator(out_a) * weight_a + _accumulator(out_b) * weight_b).to(out_a.dtype), lse
+
+
+def _accumulator(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 results are combined in fp32; fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _fit(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Cut or pad (with False) a [N, tokens] visibility mask to `width` tokens."""
+    if mask.shape[1] >= width:
+        return mask[:, :width]
+    return torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=False)
+
+
+def prefix_view(pool: torch.Tensor, layout: tuple[int, int], num_groups: int, num_blocks: int) -> torch.Tensor:
+    """The groups' shared K (or V) as a strided view of the pool: [num_groups, num_kv_heads, num_blocks * bs, D]."""
+    first, stride = layout
+    _, block_size, heads, head_dim = pool.shape
+    per_block = block_size * heads * head_dim
+    view = pool.as_strided(
+        (num_groups, num_blocks * block_size, heads, head_dim),
+        (stride * per_block, heads * head_dim, head_dim, 1),
+        pool.storage_offset() + first * per_block,
+    )
+    return view.transpose(1, 2)
+
+
+def _gather_tokens(pool, tables, num_tokens: int):
+    """pool [num_blocks, block_size, H, D], tables [N, M] (entries >= 0) -> [N, H, num_tokens, D]."""
+    n, m = tables.shape
+    rows = pool.index_select(0, tables.reshape(-1).long()).view(n, m * pool.shape[1], *pool.shape[2:])
+    return rows[:, :num_tokens].transpose(1, 2)
+
+
+def shared_prefix_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    *,
+    row_group: torch.Tensor,
+    prefix_tables: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    suffix_tables: torch.Tensor,
+    suffix_lens: torch.Tensor,
+    scale: float,
+    prefix_visible: torch.Tensor | None = None,
+    suffix_visible: torch.Tensor | None = None,
+    prefix_keys: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Decode attention (one query token per row) split into a per-group shared part and a per-row part.
+
+    query: [num_rows, num_q_heads, 1, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
+    row_group: int64 [num_rows], the group of each row (any membership, any group sizes)
+    prefix_tables: [num_groups, max_prefix_blocks] the group's shared blocks (entries past prefix_lens unused, >= 0)
+    prefix_lens: int64 [num_groups] shared tokens per group (0 allowed)
+    suffix_tables: [num_rows, max_suffix_blocks] the row's blocks after its group's prefix (entries >= 0)
+    suffix_lens: int64 [num_rows] tokens of each row after the prefix
+    prefix_visible: bool [num_groups, max_prefix_tokens] / suffix_visible: bool [num_rows, max_suffix_tokens]:
+        extra masking (padding, sliding window) on top of the lengths; None = all visible
+    prefix_keys: optional (K, V) [num_groups, num_kv_heads, max_prefix_tokens, head_dim] already at hand (a view of
+        the pool when the groups' blocks are laid out regularly), to skip gathering them
+    returns [num_rows, 1, num_q_heads, head_dim]
+
+    Whole blocks are read and the slots past each length are masked, so they must hold finite values (PagedCache
+    pools are zero-initialised).
+    """
+    num_rows, num_q_heads, query_len, head_dim = query.shape
+    assert query_len == 1, "shared-prefix attention is for decode steps"
+    num_kv_heads = key_cache.shape[2]
+    per_kv = num_q_heads // num_kv_heads
+    num_groups = prefix_tables.shape[0]
+    block_size = key_cache.shape[1]
+
+    # Members of each group side by side: [num_groups, max_members] row ids, padded with row 0 and masked.
+    order = torch.argsort(row_group, stable=True)
+    counts = torch.bincount(row_group, minlength=num_groups)
+    max_members = int(counts.max()) if num_rows else 0
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(num_rows, device=query.device) - starts[row_group[order]]
+    members = torch.zeros(num_groups, max_members, dtype=torch.long, device=query.device)
+    members[row_group[order], slot] = order
+    member_slot = torch.empty_like(slot)
+    member_slot[order] = slot
+
+    # Shared part: [groups, kv_heads, members * per_kv, head_dim] queries against the group's prefix keys.
+    q = query.view(num_rows, num_kv_heads, per_kv, head_dim)
+    q_groups = q[members].permute(0, 2, 1, 3, 4).reshape(num_groups, num_kv_heads, max_members * per_kv, head_dim)
+    max_prefix = prefix_tables.shape[1] * block_size
+    if prefix_keys is None:
+        prefix_keys = (_gather_tokens(key_cache, prefix_tables, max_prefix), _gather_tokens(value_cache, prefix_tables, max_prefix))
+    k_prefix, v_prefix = prefix_keys
+    visible = torch.arange(k_prefix.shape[2], device=query.device) < prefix_lens[:, None]
+    if prefix_visible is not None:
+        visible = visible & _fit(prefix_visible, k_prefix.shape[2])
+    out_p, lse_p = attend_partial(q_groups, k_prefix, v_prefix, visible[:, None, None, :], scale)
+    out_p = out_p.view(num_groups, num_kv_heads, max_members, per_kv, head_dim)[row_group, :, member_slot]
+    lse_p = lse_p.view(num_groups, num_kv_heads, max_members, per_kv)[row_group, :, member_slot]
+
+    # Own part: each row's blocks after the prefix.
+    max_suffix = suffix_tables.shape[1] * block_size
+    k_suffix = _gather_tokens(key_cache, suffix_tables, max_suffix)
+    v_suffix = _gather_tokens(value_cache, suffix_tables, max_suffix)
+    visible = torch.arange(max_suffix, device=query.device) < suffix_lens[:, None]
+    if suffix_visible is not None:
+        visible = visible & _fit(suffix_visible, max_suffix)
+    out_s, lse_s = attend_partial(q, k_suffix, v_suffix, visible[:, None, None, :], scale)
+
+    out, _ = merge_partials(out_p, lse_p, out_s, lse_s)
+    return out.reshape(num_rows, 1, num_q_heads, head_dim).to(query.dtype)
