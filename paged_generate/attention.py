@@ -79,8 +79,8 @@ def _shared_prefix_forward(module, query, key_pool, value_pool, attention_mask, 
     scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
     return shared_prefix_attention(
         query, key_pool, value_pool,
-        row_group=groups.row_group, prefix_tables=groups.prefix_tables, prefix_lens=groups.prefix_lens,
-        suffix_tables=groups.suffix_tables, suffix_lens=groups.suffix_lens, scale=scale,
+        row_group=groups.row_group, prefix_tables=groups.prefix_tables, prefix_lens=None,
+        suffix_tables=groups.suffix_tables, suffix_lens=groups.suffix_len, scale=scale,
         prefix_visible=visible[:: shared.group_size, :prefix_len] if visible is not None else None,
         suffix_visible=visible[:, prefix_len:] if visible is not None else None,
         prefix_keys=prefix_keys,

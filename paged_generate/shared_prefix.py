@@ -26,10 +26,13 @@ class SharedPrefix:
 def attend_partial(query, key, value, visible, scale: float):
     """Softmax attention over part of the keys, with its log-sum-exp for merging.
 
-    query: [..., num_queries, head_dim]; key, value: [..., num_keys, head_dim]; visible: bool, broadcastable to
-    [..., num_queries, num_keys] or None. Returns (out [..., num_queries, head_dim] normalised, lse [..., num_queries]).
-    A query that sees no key gets out = 0 and lse = -inf, so it drops out of the merge.
+    query: [batch, heads, num_queries, head_dim]; key, value: [batch, heads, num_keys, head_dim]; visible: bool,
+    broadcastable to [batch, heads, num_queries, num_keys], or None. Returns (out [batch, heads, num_queries, head_dim]
+    normalised, lse [batch, heads, num_queries]). A query that sees no key gets out = 0 and lse = -inf, so it drops
+    out of the merge.
     """
+    if query.device.type == "cpu" and query.dtype in _CPU_FLASH_DTYPES:
+        return _attend_partial_cpu_flash(query, key, value, visible, scale)
     scores = _accumulator(torch.matmul(query, key.transpose(-1, -2))) * scale
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
@@ -37,6 +40,22 @@ def attend_partial(query, key, value, visible, scale: float):
     weights = torch.exp(scores - lse.nan_to_num(neginf=0.0))  # rows with no key: exp(-inf) = 0 everywhere
     out = torch.matmul(weights.to(value.dtype), value)
     return out, lse.squeeze(-1)
+
+
+_CPU_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _attend_partial_cpu_flash(query, key, value, visible, scale):
+    # PyTorch's fused CPU flash kernel returns the log-sum-exp we need; one pass instead of five.
+    bias = None
+    if visible is not None:
+        bias = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, False, attn_mask=bias, scale=scale
+    )
+    if visible is not None:  # the kernel reports lse = 0 for a query that sees nothing
+        lse = lse.masked_fill(~visible.any(-1), float("-inf"))
+    return out, lse
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
@@ -51,6 +70,15 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 def _accumulator(x: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 results are combined in fp32; fp32 and fp64 stay as they are."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _visibility(lens, visible, width: int, device) -> torch.Tensor | None:
+    """[N, 1, 1, width] bool from per-entry lengths and an extra mask; None when everything is visible."""
+    mask = None if lens is None else torch.arange(width, device=device) < lens[:, None]
+    if visible is not None:
+        visible = _fit(visible, width)
+        mask = visible if mask is None else mask & visible
+    return None if mask is None else mask[:, None, None, :]
 
 
 def _fit(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -87,9 +115,9 @@ def shared_prefix_attention(
     *,
     row_group: torch.Tensor,
     prefix_tables: torch.Tensor,
-    prefix_lens: torch.Tensor,
+    prefix_lens: torch.Tensor | None,
     suffix_tables: torch.Tensor,
-    suffix_lens: torch.Tensor,
+    suffix_lens: torch.Tensor | int,
     scale: float,
     prefix_visible: torch.Tensor | None = None,
     suffix_visible: torch.Tensor | None = None,
@@ -100,9 +128,9 @@ def shared_prefix_attention(
     query: [num_rows, num_q_heads, 1, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
     row_group: int64 [num_rows], the group of each row (any membership, any group sizes)
     prefix_tables: [num_groups, max_prefix_blocks] the group's shared blocks (entries past prefix_lens unused, >= 0)
-    prefix_lens: int64 [num_groups] shared tokens per group (0 allowed)
+    prefix_lens: int64 [num_groups] shared tokens per group (0 allowed), or None: every group's whole table
     suffix_tables: [num_rows, max_suffix_blocks] the row's blocks after its group's prefix (entries >= 0)
-    suffix_lens: int64 [num_rows] tokens of each row after the prefix
+    suffix_lens: int64 [num_rows] tokens of each row after the prefix, or one int for all rows
     prefix_visible: bool [num_groups, max_prefix_tokens] / suffix_visible: bool [num_rows, max_suffix_tokens]:
         extra masking (padding, sliding window) on top of the lengths; None = all visible
     prefix_keys: optional (K, V) [num_groups, num_kv_heads, max_prefix_tokens, head_dim] already at hand (a view of
@@ -137,21 +165,18 @@ def shared_prefix_attention(
     if prefix_keys is None:
         prefix_keys = (_gather_tokens(key_cache, prefix_tables, max_prefix), _gather_tokens(value_cache, prefix_tables, max_prefix))
     k_prefix, v_prefix = prefix_keys
-    visible = torch.arange(k_prefix.shape[2], device=query.device) < prefix_lens[:, None]
-    if prefix_visible is not None:
-        visible = visible & _fit(prefix_visible, k_prefix.shape[2])
-    out_p, lse_p = attend_partial(q_groups, k_prefix, v_prefix, visible[:, None, None, :], scale)
+    visible = _visibility(prefix_lens, prefix_visible, k_prefix.shape[2], query.device)
+    out_p, lse_p = attend_partial(q_groups, k_prefix, v_prefix, visible, scale)
     out_p = out_p.view(num_groups, num_kv_heads, max_members, per_kv, head_dim)[row_group, :, member_slot]
     lse_p = lse_p.view(num_groups, num_kv_heads, max_members, per_kv)[row_group, :, member_slot]
 
     # Own part: each row's blocks after the prefix.
-    max_suffix = suffix_tables.shape[1] * block_size
+    uniform = isinstance(suffix_lens, int)
+    max_suffix = suffix_lens if uniform else suffix_tables.shape[1] * block_size
     k_suffix = _gather_tokens(key_cache, suffix_tables, max_suffix)
     v_suffix = _gather_tokens(value_cache, suffix_tables, max_suffix)
-    visible = torch.arange(max_suffix, device=query.device) < suffix_lens[:, None]
-    if suffix_visible is not None:
-        visible = visible & _fit(suffix_visible, max_suffix)
-    out_s, lse_s = attend_partial(q, k_suffix, v_suffix, visible[:, None, None, :], scale)
+    visible = _visibility(None if uniform else suffix_lens, suffix_visible, max_suffix, query.device)
+    out_s, lse_s = attend_partial(q, k_suffix, v_suffix, visible, scale)
 
     out, _ = merge_partials(out_p, lse_p, out_s, lse_s)
     return out.reshape(num_rows, 1, num_q_heads, head_dim).to(query.dtype)

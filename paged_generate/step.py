@@ -32,17 +32,16 @@ class DeviceStep:
 class DeviceSharedPrefix:
     """Groups of rows sharing leading blocks, as `shared_prefix_attention` takes them, on one device.
 
-    row_group: int64 [num_rows]; prefix_tables: int64 [num_groups, num_shared_blocks];
-    prefix_lens: int64 [num_groups]; suffix_tables: int64 [num_rows, num_own_blocks]; suffix_lens: int64 [num_rows]
+    row_group: int64 [num_rows]; prefix_tables: int64 [num_groups, num_shared_blocks] (all of them shared);
+    suffix_tables: int64 [num_rows, num_own_blocks]; suffix_len: tokens after the prefix, the same in every row
     prefix_layout: (first block, block stride between groups) when group g's shared blocks are
         first + g * stride + [0, 1, ...], so the prefix K/V is a strided view of the pool (no gather); else None.
     """
 
     row_group: torch.Tensor
     prefix_tables: torch.Tensor
-    prefix_lens: torch.Tensor
     suffix_tables: torch.Tensor
-    suffix_lens: torch.Tensor
+    suffix_len: int
     prefix_layout: tuple[int, int] | None
 
 
@@ -89,15 +88,12 @@ class PagedStep:
 
     def _build_shared(self, device: torch.device) -> DeviceSharedPrefix:
         group_size, num_shared = self.shared.group_size, self.shared.num_blocks
-        num_groups = self.num_rows // group_size
         prefix = self.tables[::group_size, :num_shared]
-        suffix_len = self.seq_len - num_shared * self.block_size
         return DeviceSharedPrefix(
             row_group=_to(np.arange(self.num_rows) // group_size, torch.int64, device),
             prefix_tables=_to(prefix, torch.int64, device),
-            prefix_lens=torch.full((num_groups,), num_shared * self.block_size, dtype=torch.int64, device=device),
             suffix_tables=_to(self.tables[:, num_shared:], torch.int64, device),
-            suffix_lens=torch.full((self.num_rows,), suffix_len, dtype=torch.int64, device=device),
+            suffix_len=self.seq_len - num_shared * self.block_size,
             prefix_layout=_regular_layout(prefix),
         )
 

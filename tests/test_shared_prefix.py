@@ -96,3 +96,28 @@ def test_fp32_error_no_worse_than_plain_attention():
     split = shared_prefix_attention(query.float(), *(c.float() for c in caches), **args)
     plain = _reference(query.float(), *(c.float() for c in caches), rows, block_size, head_dim**-0.5, visible_all)
     assert (split.double() - truth).abs().max() <= 2 * (plain.double() - truth).abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_low_precision_split_close_to_float64(seed, dtype, atol):
+    block_size, num_kv_heads, head_dim = 4, 2, 8
+    num_blocks, prefix_tables, rows = _random_layout(seed, 3, max_members=6, max_prefix_blocks=5, block_size=block_size)
+    generator = torch.Generator().manual_seed(seed)
+    caches = [torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator, dtype=torch.float64)
+              for _ in range(2)]
+    query = torch.randn(len(rows), 8, 1, head_dim, generator=generator, dtype=torch.float64)
+    pads = [1 if len(p) else 0 for p in prefix_tables]  # some groups fully padded at their first position
+    max_prefix = _pad(prefix_tables).shape[1] * block_size
+    out = shared_prefix_attention(
+        query.to(dtype), *(c.to(dtype) for c in caches),
+        row_group=torch.tensor([g for g, *_ in rows]),
+        prefix_tables=_pad(prefix_tables), prefix_lens=torch.tensor([len(p) * block_size for p in prefix_tables]),
+        suffix_tables=_pad([s for _, _, s, _ in rows]), suffix_lens=torch.tensor([t for *_, t in rows]),
+        scale=head_dim**-0.5,
+        prefix_visible=torch.arange(max_prefix)[None, :] >= torch.tensor(pads)[:, None],
+    )
+    truth = _reference(query, *caches, rows, block_size, head_dim**-0.5,
+                       lambda r, seq_len: torch.arange(seq_len) >= pads[rows[r][0]])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), truth, atol=atol, rtol=0)
