@@ -9,7 +9,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .shared_prefix import prefix_view, shared_prefix_attention
 
-__all__ = ["ATTENTION_NAME", "gather_kv", "paged_attention_forward", "register_attention"]
+__all__ = ["ATTENTION_NAME", "gather_kv", "paged_attention_forward", "register_attention", "rows_kv"]
 
 # No "sdpa" / "flash" in the name: transformers treats names containing those specially.
 ATTENTION_NAME = "paged_generate"
@@ -24,6 +24,16 @@ def gather_kv(pool: torch.Tensor, block_tables: torch.Tensor, seq_len: int) -> t
     num_rows, blocks_per_row = block_tables.shape
     rows = pool.index_select(0, block_tables.reshape(-1)).view(num_rows, blocks_per_row * pool.shape[1], *pool.shape[2:])
     return rows[:, :seq_len].transpose(1, 2)
+
+
+def rows_kv(pool: torch.Tensor, step) -> torch.Tensor:
+    """Every row's K (or V) [num_rows, num_kv_heads, seq_len, head_dim]: a view of the pool when the rows' blocks are
+    laid out regularly, else gathered through the block tables."""
+    layout = step.row_layout
+    if layout is not None:
+        rows = prefix_view(pool, layout, step.num_rows, step.tables.shape[1])
+        return rows[:, :, : step.seq_len]
+    return gather_kv(pool, pool.paged_device_step.block_tables, step.seq_len)
 
 
 def paged_attention_forward(
@@ -46,9 +56,7 @@ def paged_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if _can_split_shared_prefix(step, dropout, kwargs):
         return _shared_prefix_forward(module, query, key, value, attention_mask, step, scaling), None
-    block_tables = key.paged_device_step.block_tables
-    key = gather_kv(key, block_tables, step.seq_len)
-    value = gather_kv(value, block_tables, step.seq_len)
+    key, value = (rows_kv(pool, step) for pool in (key, value))
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

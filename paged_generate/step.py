@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -79,6 +80,12 @@ class PagedStep:
                 copy_dst=_to(self.plan.copy_dst, torch.int64, device),
             )
         return cached
+
+    @cached_property
+    def row_layout(self) -> tuple[int, int] | None:
+        """(first, stride) when row r's blocks are first + r * stride + [0, 1, ...]: rows are then strided views of
+        the pool and attention can read them in place (a fresh pool hands a lone row consecutive blocks)."""
+        return _regular_layout(self.tables) if self.tables.size else None
 
     def shared_on(self, device: torch.device) -> DeviceSharedPrefix:
         cached = self._shared_by_device.get(device)
