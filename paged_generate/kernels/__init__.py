@@ -1,0 +1,50 @@
+"""Triton kernels for the paged KV cache, and their PyTorch references.
+
+Layout shared by every kernel: ``key_cache``/``value_cache`` are
+``[num_blocks, block_size, num_kv_heads, head_dim]``; ``block_tables`` is int32
+``[num_rows, max_blocks_per_row]`` padded with -1.
+
+The Triton wrappers are imported on first use, so ``import paged_generate.kernels`` neither
+needs Triton nor fixes whether kernels compile for the GPU or run under
+``TRITON_INTERPRET=1`` (Triton decides that when a kernel module is imported).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ._triton import is_interpreting, triton_available
+from .reference import copy_blocks_reference, paged_attention_reference, write_kv_reference
+
+# Function name -> submodule. Submodules are named apart from the functions so that importing
+# a submodule never replaces the package's function attribute of the same name.
+_LAZY = {
+    "paged_attention": ".attention",
+    "choose_num_splits": ".attention",
+    "write_kv": ".cache_write",
+    "copy_blocks": ".block_copy",
+}
+
+__all__ = [
+    "paged_attention",
+    "write_kv",
+    "copy_blocks",
+    "paged_attention_reference",
+    "write_kv_reference",
+    "copy_blocks_reference",
+    "choose_num_splits",
+    "triton_available",
+    "is_interpreting",
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
