@@ -23,9 +23,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from paged_generate import disable_paged_cache, enable_paged_cache
 
 CASES = {
-    "prompt 2048, 8 beams, 128 new": dict(prompt_len=2048, new_tokens=128, num_beams=8),
-    "prompt 2048, 8 samples, 128 new": dict(prompt_len=2048, new_tokens=128, do_sample=True, num_return_sequences=8),
-    "prompt 128, greedy batch 1, 128 new": dict(prompt_len=128, new_tokens=128),
+    "prompt 2048 / 8 beams / 128 new": dict(prompt_len=2048, new_tokens=128, num_beams=8),
+    "prompt 2048 / 8 samples / 128 new": dict(prompt_len=2048, new_tokens=128, do_sample=True, num_return_sequences=8),
+    "prompt 128 / greedy batch 1 / 128 new": dict(prompt_len=128, new_tokens=128),
 }
 
 

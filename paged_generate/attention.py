@@ -54,10 +54,33 @@ def paged_attention_forward(
     step = getattr(key, "paged_step", None)
     if step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if key.paged_use_triton and _kernel_can_serve(attention_mask, dropout, kwargs):
+        return _triton_forward(query, key, value, attention_mask, step, _scale(module, query, scaling), kwargs), None
     if _can_split_shared_prefix(step, dropout, kwargs):
         return _shared_prefix_forward(module, query, key, value, attention_mask, step, scaling), None
     key, value = (rows_kv(pool, step) for pool in (key, value))
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _kernel_can_serve(attention_mask, dropout: float, kwargs: dict) -> bool:
+    # The kernel knows left padding + causality + window + softcap; anything else goes to the PyTorch path.
+    boolean_mask = attention_mask is None or attention_mask.dtype == torch.bool
+    return boolean_mask and not dropout and kwargs.get("s_aux") is None
+
+
+def _triton_forward(query, key_pool, value_pool, attention_mask, step, scale: float, kwargs: dict) -> torch.Tensor:
+    from . import kernels
+
+    device_step = key_pool.paged_device_step
+    return kernels.paged_attention(
+        query, key_pool, value_pool, device_step.block_tables, device_step.seq_lens, scale=scale,
+        kv_start=device_step.kv_start(attention_mask), sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+    )
+
+
+def _scale(module, query, scaling) -> float:
+    return scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
 
 
 def _can_split_shared_prefix(step, dropout: float, kwargs: dict) -> bool:
@@ -84,7 +107,7 @@ def _shared_prefix_forward(module, query, key_pool, value_pool, attention_mask, 
         prefix_keys = tuple(prefix_view(pool, groups.prefix_layout, num_groups, shared.num_blocks)
                             for pool in (key_pool, value_pool))
     visible = attention_mask[:, 0, -1, :] if attention_mask is not None else None
-    scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+    scale = _scale(module, query, scaling)
     return shared_prefix_attention(
         query, key_pool, value_pool,
         row_group=groups.row_group, prefix_tables=groups.prefix_tables, prefix_lens=None,

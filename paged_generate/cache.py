@@ -7,6 +7,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .allocator import BlockAllocator
+from .backend import uses_triton
 from .block_tables import BlockTables
 from .kv_ops import copy_blocks, write_kv
 from .stats import CacheStats
@@ -31,11 +32,13 @@ class PagedLayer(CacheLayerMixin):
         self.cache = cache
         self.num_written = 0  # tokens per row this layer has stored; lags the cache's length mid-forward
         self.bytes_per_token = 0
+        self.use_triton = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: [num_rows, num_kv_heads, query_len, head_dim]
         _, num_kv_heads, _, head_dim = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
+        self.use_triton = uses_triton(self.cache.backend, self.device, self.cache.block_size)
         self.bytes_per_token = 2 * num_kv_heads * head_dim * key_states.element_size()
         shape = (0, self.cache.block_size, num_kv_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -53,11 +56,12 @@ class PagedLayer(CacheLayerMixin):
         self._fit_pool(self.cache.allocator.capacity)
         device_step = step.on(self.device)
         if device_step.copy_src.numel():
-            copy_blocks(self.keys, self.values, device_step.copy_src, device_step.copy_dst)
-        write_kv(_tokens_major(key_states), _tokens_major(value_states), self.keys, self.values, device_step.slot_mapping)
+            copy_blocks(self.keys, self.values, device_step.copy_src, device_step.copy_dst, use_triton=self.use_triton)
+        write_kv(_tokens_major(key_states), _tokens_major(value_states), self.keys, self.values,
+                 device_step.slot_mapping, use_triton=self.use_triton)
         self.num_written = step.seq_len
-        self.keys.paged_step = self.values.paged_step = step
-        self.keys.paged_device_step = self.values.paged_device_step = device_step
+        for pool in (self.keys, self.values):
+            pool.paged_step, pool.paged_device_step, pool.paged_use_triton = step, device_step, self.use_triton
         return self.keys, self.values
 
     def _fit_pool(self, capacity: int) -> None:
@@ -108,8 +112,9 @@ class PagedCache(Cache):
     0.71
     """
 
-    def __init__(self, *, num_layers: int, block_size: int = 16, max_blocks: int | None = None):
+    def __init__(self, *, num_layers: int, block_size: int = 16, max_blocks: int | None = None, backend: str = "auto"):
         self.block_size = block_size
+        self.backend = backend
         self.allocator = BlockAllocator(block_size=block_size, max_blocks=max_blocks)
         self.tables = BlockTables(self.allocator)
         self._step: PagedStep | None = None

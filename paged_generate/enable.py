@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .attention import ATTENTION_NAME, register_attention
+from .backend import check_backend
 from .errors import UnsupportedModelError
 from .patches import generate as generate_patch
 from .stats import CacheStats
@@ -26,6 +27,7 @@ def enable_paged_cache(
     block_size: int = 16,
     max_blocks: int | None = None,
     max_cache_bytes: int | None = None,
+    backend: str = "auto",
 ) -> torch.nn.Module:
     """Make every later `model.generate(...)` keep its KV cache in shared, copy-on-write blocks.
 
@@ -35,6 +37,8 @@ def enable_paged_cache(
     block_size : tokens per KV block, a power of two in [1, 256].
     max_blocks : cap on the blocks one generate() call may hold; exceeding it raises `OutOfBlocksError`.
     max_cache_bytes : the same cap in bytes of K/V over all layers (converted with the model's dtype).
+    backend : "auto" (Triton kernels for CUDA layers, PyTorch elsewhere), "triton" or "torch" to force one. The
+        environment variable PAGED_GENERATE_BACKEND overrides "auto".
 
     Returns the model, enabled. Enabling an enabled model updates its settings. A cache passed explicitly to
     `generate` is used as is; `use_cache=False` and `cache_implementation="static"` etc. keep stock behaviour.
@@ -47,6 +51,7 @@ def enable_paged_cache(
     0.78
     """
     _check_settings(block_size, max_blocks, max_cache_bytes)
+    check_backend(backend, block_size)
     _check_supported(model)
     if max_cache_bytes is not None:
         per_block = block_size * _bytes_per_token(model)
@@ -56,6 +61,7 @@ def enable_paged_cache(
     state = generate_patch.PluginState(
         block_size=block_size,
         max_blocks=max_blocks,
+        backend=backend,
         original_attn_implementation=(
             previous.original_attn_implementation if previous else model.config._attn_implementation
         ),

@@ -7,13 +7,21 @@ import torch
 __all__ = ["copy_blocks", "write_kv"]
 
 
-def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
+def write_kv(key, value, key_cache, value_cache, slot_mapping, *, use_triton: bool = False) -> None:
     """key, value: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]."""
+    if use_triton:
+        from . import kernels
+
+        return kernels.write_kv(key, value, key_cache, value_cache, slot_mapping)
     key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key)
     value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value)
 
 
-def copy_blocks(key_cache, value_cache, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Copy whole blocks src[i] -> dst[i] of both pools (one indexed copy per pool)."""
+def copy_blocks(key_cache, value_cache, src: torch.Tensor, dst: torch.Tensor, *, use_triton: bool = False) -> None:
+    """Copy whole blocks src[i] -> dst[i] of both pools (one launch with the kernels, one indexed copy per pool else)."""
+    if use_triton:
+        from . import kernels
+
+        return kernels.copy_blocks(key_cache, value_cache, src, dst)
     key_cache.index_copy_(0, dst, key_cache.index_select(0, src))
     value_cache.index_copy_(0, dst, value_cache.index_select(0, src))

@@ -21,12 +21,28 @@ class DeviceStep:
     block_tables: int32 [num_rows, num_blocks_per_row]
     slot_mapping: int64 [num_rows * query_len], row-major (row 0's new tokens first)
     copy_src, copy_dst: int64 [num_copies]
+    seq_lens: int32 [num_rows], tokens per row including this step's
     """
 
     block_tables: torch.Tensor
     slot_mapping: torch.Tensor
     copy_src: torch.Tensor
     copy_dst: torch.Tensor
+    seq_lens: torch.Tensor
+    _kv_start_by_mask: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def kv_start(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """int32 [num_rows]: first key position each row may see, from transformers' boolean mask
+        [num_rows, 1, query_len, seq_len] (left padding; causality and the window are the kernel's own).
+        Computed once per mask and forward, not once per layer."""
+        if attention_mask is None:
+            return None
+        cached = self._kv_start_by_mask.get(id(attention_mask))
+        if cached is None or cached[0] is not attention_mask:
+            seen_by_any_query = attention_mask[:, 0].any(dim=1)  # [num_rows, seq_len]
+            kv_start = seen_by_any_query.to(torch.uint8).argmax(dim=-1).to(torch.int32)
+            cached = self._kv_start_by_mask[id(attention_mask)] = (attention_mask, kv_start)
+        return cached[1]
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,7 @@ class PagedStep:
                 slot_mapping=_to(self.plan.slot_mapping.reshape(-1), torch.int64, device),
                 copy_src=_to(self.plan.copy_src, torch.int64, device),
                 copy_dst=_to(self.plan.copy_dst, torch.int64, device),
+                seq_lens=torch.full((self.num_rows,), self.seq_len, dtype=torch.int32, device=device),
             )
         return cached
 

@@ -42,6 +42,7 @@ class PluginState:
     block_size: int
     max_blocks: int | None
     original_attn_implementation: Any
+    backend: str = "auto"
     last_stats: CacheStats | None = None
     current_call: ContextVar = field(default_factory=lambda: ContextVar("paged_generate_call", default=None))
 
@@ -50,6 +51,7 @@ class PluginState:
             num_layers=model.config.get_text_config(decoder=True).num_hidden_layers,
             block_size=self.block_size,
             max_blocks=self.max_blocks,
+            backend=self.backend,
         )
 
 

@@ -1,0 +1,65 @@
+"""generate() with the Triton kernels forced on (under TRITON_INTERPRET=1 on CPU) gives stock's tokens."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import sequences  # noqa: E402
+from tiny_models import left_padded_prompts, tiny_model  # noqa: E402
+
+from paged_generate import cache_stats, disable_paged_cache, enable_paged_cache  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def model(request, device):
+    return tiny_model(request.param).to(device)
+
+
+def _both(model, device, seed=0, **kwargs):
+    input_ids, attention_mask = left_padded_prompts((21, 12))
+    kwargs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), pad_token_id=0, **kwargs)
+    disable_paged_cache(model)
+    torch.manual_seed(seed)
+    stock = model.generate(**kwargs)
+    enable_paged_cache(model, backend="triton")
+    try:
+        calls = _count_kernel_calls(model, seed, kwargs)
+        torch.manual_seed(seed)
+        paged = model.generate(**kwargs)
+        assert cache_stats(model).prefill_rows == 2
+    finally:
+        disable_paged_cache(model)
+    return stock, paged, calls
+
+
+def _count_kernel_calls(model, seed, kwargs):
+    from paged_generate import kernels
+
+    calls = {"attention": 0}
+    original = kernels.paged_attention
+
+    def counting(*args, **kw):
+        calls["attention"] += 1
+        return original(*args, **kw)
+
+    kernels.paged_attention = counting
+    try:
+        torch.manual_seed(seed)
+        model.generate(**{**kwargs, "max_new_tokens": 2})
+    finally:
+        kernels.paged_attention = original
+    return calls
+
+
+def test_beam_search_with_kernels(model, device):
+    stock, paged, calls = _both(model, device, max_new_tokens=8, num_beams=3, num_return_sequences=2)
+    assert torch.equal(sequences(stock), sequences(paged))
+    assert calls["attention"] == 2 * model.config.num_hidden_layers  # prefill + one decode step, every layer
+
+
+def test_sampling_with_kernels(model, device):
+    stock, paged, _ = _both(model, device, seed=3, max_new_tokens=8, do_sample=True, num_return_sequences=3)
+    assert torch.equal(stock, paged)
