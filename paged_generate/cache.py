@@ -106,11 +106,16 @@ class PagedCache(Cache):
 
     Example
     -------
-    >>> cache = PagedCache(num_layers=model.config.num_hidden_layers)
+    >>> cache = PagedCache.from_model(model)
     >>> out = model.generate(ids, past_key_values=cache, num_beams=4)  # `cache=cache` on transformers >= 5.24
     >>> cache.stats().saving
     0.71
     """
+
+    @classmethod
+    def from_model(cls, model, **kwargs) -> "PagedCache":
+        """A cache with one layer per decoder layer of `model`; kwargs as for the constructor."""
+        return cls(num_layers=model.config.get_text_config(decoder=True).num_hidden_layers, **kwargs)
 
     def __init__(self, *, num_layers: int, block_size: int = 16, max_blocks: int | None = None, backend: str = "auto"):
         self.block_size = block_size

@@ -55,6 +55,9 @@ def enable_paged_cache(
     _check_supported(model)
     if max_cache_bytes is not None:
         per_block = block_size * _bytes_per_token(model)
+        if max_cache_bytes < per_block:
+            raise ValueError(f"enable_paged_cache: max_cache_bytes={max_cache_bytes} is less than one block of this "
+                             f"model ({per_block} bytes for block_size={block_size}); raise it.")
         max_blocks = min(max_blocks or max_cache_bytes // per_block, max_cache_bytes // per_block)
     previous = getattr(model, _STATE_ATTR, None)
     register_attention()

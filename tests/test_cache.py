@@ -92,7 +92,7 @@ def test_user_cache_is_respected(model):
         input_ids = torch.randint(3, 90, (1, 8))
         out = model.generate(input_ids, max_new_tokens=4, pad_token_id=0, **{CACHE_KWARG: user_cache})
         assert user_cache.get_seq_length() == out.shape[1] - 1
-        paged = PagedCache(num_layers=model.config.num_hidden_layers)
+        paged = PagedCache.from_model(model)
         out = model.generate(input_ids, max_new_tokens=4, pad_token_id=0, **{CACHE_KWARG: paged})
         assert paged.get_seq_length() == out.shape[1] - 1 and paged.allocator.num_used > 0
     finally:
@@ -148,12 +148,26 @@ def test_enable_twice_and_disable_restores_stock(model):
         (dict(max_blocks=-1), ValueError),
         (dict(max_blocks="10"), TypeError),
         (dict(max_cache_bytes=0), ValueError),
+        (dict(max_cache_bytes=100), ValueError),
+        (dict(backend="cuda"), ValueError),
+        (dict(backend="triton", block_size=4), ValueError),
     ],
 )
 def test_bad_settings_are_refused(model, kwargs, error):
     with pytest.raises(error, match="enable_paged_cache"):
         enable_paged_cache(model, **kwargs)
     assert not is_paged_cache_enabled(model)
+
+
+def test_max_cache_bytes_becomes_a_block_cap(model):
+    per_block = 16 * 2 * 2 * 16 * 4 * model.config.num_hidden_layers
+    enable_paged_cache(model, max_cache_bytes=10 * per_block + 1)
+    try:
+        assert model._paged_generate_state.max_blocks == 10
+        with pytest.raises(OutOfBlocksError, match="max_blocks=10"):
+            model.generate(torch.randint(3, 90, (1, 100)), max_new_tokens=80, num_beams=4, pad_token_id=0)
+    finally:
+        disable_paged_cache(model)
 
 
 def test_block_sizes_give_same_tokens(model):

@@ -47,8 +47,8 @@ class PluginState:
     current_call: ContextVar = field(default_factory=lambda: ContextVar("paged_generate_call", default=None))
 
     def new_cache(self, model) -> PagedCache:
-        return PagedCache(
-            num_layers=model.config.get_text_config(decoder=True).num_hidden_layers,
+        return PagedCache.from_model(
+            model,
             block_size=self.block_size,
             max_blocks=self.max_blocks,
             backend=self.backend,
