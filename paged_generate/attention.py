@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .fallback_attention import needs_reference, reference_attention, reference_on_rows, register_eager_variant
 from .shared_prefix import prefix_view, shared_prefix_attention
 
 __all__ = ["ATTENTION_NAME", "gather_kv", "paged_attention_forward", "register_attention", "rows_kv"]
@@ -45,21 +45,26 @@ def paged_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """query: [num_rows, num_q_heads, query_len, head_dim] -> (out [num_rows, query_len, num_q_heads, head_dim], None).
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """query: [num_rows, num_q_heads, query_len, head_dim] -> (out [num_rows, query_len, num_q_heads, head_dim], weights
+    or None: only the eager reference returns weights, as stock eager does).
 
     `key` / `value` are a `PagedCache` layer's pools carrying the step's block tables; anything else (no cache,
-    `use_cache=False`, another cache class) is ordinary K/V and goes to PyTorch's SDPA unchanged.
+    `use_cache=False`, another cache class) is ordinary K/V and goes unchanged to the implementation stock transformers
+    would run for this model (SDPA, or the family's eager attention: see fallback_attention.py).
     """
     step = getattr(key, "paged_step", None)
     if step is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return reference_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if needs_reference(module, query, kwargs):  # what only stock's own function reproduces (fallback_attention.py)
+        key, value = (rows_kv(pool, step) for pool in (key, value))
+        return reference_on_rows(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if key.paged_use_triton and _kernel_can_serve(attention_mask, dropout, kwargs):
         return _triton_forward(query, key, value, attention_mask, step, _scale(module, query, scaling), kwargs), None
     if _can_split_shared_prefix(step, dropout, kwargs):
         return _shared_prefix_forward(module, query, key, value, attention_mask, step, scaling), None
     key, value = (rows_kv(pool, step) for pool in (key, value))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return reference_on_rows(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def _kernel_can_serve(attention_mask, dropout: float, kwargs: dict) -> bool:
@@ -122,3 +127,4 @@ def register_attention() -> None:
     """Make `ATTENTION_NAME` known to transformers (idempotent; the functions hold no state)."""
     AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    register_eager_variant(paged_attention_forward)

@@ -197,6 +197,7 @@ class PagedCache(Cache):
 
         A positive argument is the length to keep (the older convention transformers < 5.18 still uses).
         """
+        tokens_to_remove = int(tokens_to_remove)  # 5.17's assisted decoding passes a 0-d tensor
         new_len = tokens_to_remove if tokens_to_remove > 0 else self.tables.seq_len + tokens_to_remove
         self.tables.crop(max(new_len, 0))
         for layer in self.layers:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import sys
+
 import torch
 
 from .attention import ATTENTION_NAME, register_attention
 from .backend import check_backend
 from .errors import UnsupportedModelError
+from .fallback_attention import attention_name_for, family_eager
 from .patches import generate as generate_patch
 from .stats import CacheStats
 
@@ -70,7 +74,7 @@ def enable_paged_cache(
         ),
     )
     if previous is None:
-        model.set_attn_implementation(ATTENTION_NAME)
+        _switch_attention(model, attention_name_for(state.original_attn_implementation, ATTENTION_NAME))
     setattr(model, _STATE_ATTR, state)
     generate_patch.install(model, state)
     return model
@@ -120,10 +124,9 @@ def _check_supported(model) -> None:
         raise UnsupportedModelError(f"{type(model).__name__} is not a transformers generation model. {SUPPORTED_MODELS_HINT}")
     name = type(model).__name__
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{name} is an encoder-decoder model. {SUPPORTED_MODELS_HINT}")
-    if not getattr(model, "_supports_attention_backend", False):
         raise UnsupportedModelError(
-            f"{name}'s attention does not go through transformers' attention registry. {SUPPORTED_MODELS_HINT}"
+            f"{name} is an encoder-decoder model: its decoder also attends to the encoder's output through a cache "
+            f"of its own. {SUPPORTED_MODELS_HINT}"
         )
     if hasattr(model, "_supports_default_dynamic_cache") and not model._supports_default_dynamic_cache():
         raise UnsupportedModelError(f"{name} keeps a cache of its own (recurrent state). {SUPPORTED_MODELS_HINT}")
@@ -131,7 +134,49 @@ def _check_supported(model) -> None:
     layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
     if not layer_types <= _ATTENTION_LAYER_TYPES:
         raise UnsupportedModelError(
-            f"{name} has layers of type {sorted(layer_types - _ATTENTION_LAYER_TYPES)}. {SUPPORTED_MODELS_HINT}"
+            f"{name} has layers of type {sorted(layer_types - _ATTENTION_LAYER_TYPES)}: recurrent (state-space / "
+            f"linear attention) state or attention patterns other than full and sliding-window, which a KV block "
+            f"cache cannot hold. {SUPPORTED_MODELS_HINT}"
+        )
+    if not _uses_attention_registry(type(model)):
+        raise UnsupportedModelError(
+            f"{name}'s attention does not go through transformers' attention registry (it computes attention itself, "
+            f"e.g. with ALiBi biases), so it would never read the paged cache's blocks. {SUPPORTED_MODELS_HINT}"
+        )
+    if config._attn_implementation == "eager" and family_eager(type(model)) is None:
+        raise UnsupportedModelError(
+            f"{name} runs eager attention, which the plugin reproduces with the `eager_attention_forward` of the "
+            f"model's modeling file, and that file has none. Load the model with attn_implementation='sdpa'. "
+            f"{SUPPORTED_MODELS_HINT}"
+        )
+
+
+def _uses_attention_registry(cls) -> bool:
+    """Whether the model's attention layers call the function registered for `config._attn_implementation`.
+
+    `_supports_attention_backend` says so; some families (StableLM) use the registry without setting that flag, so
+    the modeling source is read as transformers' own `_can_set_attn_implementation` does, but a module without any
+    registry call is not given the benefit of the doubt.
+    """
+    if getattr(cls, "_supports_attention_backend", False):
+        return True
+    try:
+        source = inspect.getsource(sys.modules[cls.__module__])
+    except (KeyError, OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS.get_interface(" in source
+
+
+def _switch_attention(model, name: str) -> None:
+    """Set the model's attention to `name`, or refuse (model unchanged) where transformers would not switch it."""
+    original = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(original)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} did not switch its attention to {name!r} (it kept "
+            f"{model.config._attn_implementation!r}): transformers cannot set its attention dynamically. "
+            f"{SUPPORTED_MODELS_HINT}"
         )
 
 

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.utils import ModelOutput
 
 from ..cache import PagedCache
+from ..fallback_attention import weights_wanted
 from ..stats import CacheStats
 from .compat import CACHE_KWARG
 
@@ -27,12 +29,26 @@ __all__ = ["PATCHED_METHODS", "PluginState", "install", "uninstall"]
 
 PATCHED_METHODS = ("generate", "_prepare_cache_for_generation", "_prefill")
 
+# Decoding methods transformers ships and the tests check token for token. The others (contrastive search, DoLa,
+# group and constrained beam search) now load their loops from the Hub, and `custom_generate` brings a loop of its
+# own: those calls get stock's cache, so they run exactly as without the plugin.
+PAGED_MODES = frozenset({
+    GenerationMode.GREEDY_SEARCH,
+    GenerationMode.SAMPLE,
+    GenerationMode.BEAM_SEARCH,
+    GenerationMode.BEAM_SAMPLE,
+    GenerationMode.ASSISTED_GENERATION,
+})
+
 
 @dataclass
 class CallRecord:
     """The caches one generate() call created (assisted decoding may create more than one)."""
 
     caches: list = field(default_factory=list)
+    paged: bool = True  # False: a call whose decoding loop the plugin does not vouch for (stock cache)
+    kept: list = field(default_factory=list)  # caches the caller goes on using: figures taken, blocks kept
+    weights_token: Any = None  # set while the call asks for attention weights (see fallback_attention.py)
 
 
 @dataclass
@@ -71,14 +87,16 @@ def uninstall(model) -> None:
 
 def _generate(original, state: PluginState):
     def generate(self, *args, **kwargs):
-        record = CallRecord()
+        record = CallRecord(paged=kwargs.get("custom_generate") is None)
         token = state.current_call.set(record)
         try:
             return original(self, *args, **kwargs)
         finally:
             state.current_call.reset(token)
+            if record.weights_token is not None:
+                weights_wanted.reset(record.weights_token)
             for cache in record.caches:
-                state.last_stats = cache.release()
+                state.last_stats = cache.stats() if any(cache is kept for kept in record.kept) else cache.release()
 
     generate.__doc__ = original.__doc__
     return generate
@@ -87,18 +105,27 @@ def _generate(original, state: PluginState):
 def _prepare_cache(original, state: PluginState):
     def prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         record = state.current_call.get()
+        generation_mode = args[0] if args else kwargs.get("generation_mode")
         wants_default_cache = (
-            model_kwargs.get(CACHE_KWARG) is None
+            record is not None
+            and record.paged
+            and generation_mode in PAGED_MODES
+            and model_kwargs.get(CACHE_KWARG) is None
             and generation_config.use_cache is not False
             and generation_config.cache_implementation in (None, "dynamic")
         )
-        if record is None or not wants_default_cache:
+        if not wants_default_cache:
             return original(self, generation_config, model_kwargs, *args, **kwargs)
         cache = state.new_cache(self)
         record.caches.append(cache)
         model_kwargs[CACHE_KWARG] = cache
+        if generation_config.output_attentions and record.weights_token is None:
+            record.weights_token = weights_wanted.set(True)
         if generation_config.is_assistant:
             cache.activate_past_recording()
+            # Assisted decoding threads the assistant's cache from one round to the next (it crops the rejected
+            # tokens): released, the next round would re-read the whole prompt.
+            record.kept.append(cache)
 
     return prepare_cache_for_generation
 

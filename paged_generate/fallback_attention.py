@@ -1,0 +1,161 @@
+"""The attention stock transformers would run for a model, used where the paged path has no faster equivalent.
+
+`enable_paged_cache` switches a model to one of two registered names, chosen from the implementation the model had:
+`ATTENTION_NAME` ("paged_generate") when it had SDPA (or anything but eager), `ATTENTION_NAME_EAGER`
+("paged_generate_eager") when it had eager attention (Gemma 2 on transformers >= 5.18, or a model loaded with
+`attn_implementation="eager"`). Both names map to the same attention function and the same boolean mask function;
+`reference_attention` reads the name off `module.config` and runs what stock would have run on the same K/V:
+
+- SDPA: transformers' `sdpa_attention_forward`, as stock.
+- eager: the model family's own `eager_attention_forward` (softcapping, attention sinks, dropout and the returned
+  attention weights included), with the boolean / absent mask turned into the additive float mask stock builds for it.
+
+Forwards without a paged cache always go here. Paged forwards come here through `reference_on_rows`, with every row's
+K/V read from the pool: for what the faster paths don't reproduce (`needs_reference`), and whenever no faster path
+applies. `reference_on_rows` hands the stock function exactly the K/V stock's `DynamicCache` would: a sliding-window
+layer there keeps only the last `sliding_window - 1` tokens, so the same slice of the rows (and of the mask) is taken.
+Mathematically that changes nothing (the mask hides the older tokens); it makes the sums run over the same operands
+in the same order, so the result is bit-identical to stock, which half-precision sampling needs.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from contextvars import ContextVar
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import get_layer_types_and_kwargs
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+__all__ = [
+    "ATTENTION_NAME_EAGER",
+    "attention_name_for",
+    "family_eager",
+    "needs_reference",
+    "reference_attention",
+    "reference_on_rows",
+    "reference_implementation",
+    "register_eager_variant",
+    "weights_wanted",
+]
+
+ATTENTION_NAME_EAGER = "paged_generate_eager"
+
+# Set by the generate patch for a call with `output_attentions=True`: the paged forwards then return the weights the
+# stock implementation returns (eager: the weights; SDPA: none), which only the reference path computes.
+weights_wanted: ContextVar[bool] = ContextVar("paged_generate_weights_wanted", default=False)
+
+
+def attention_name_for(original_implementation, paged_name: str) -> str:
+    """The registered name that stands in for `original_implementation` while the plugin is on."""
+    return ATTENTION_NAME_EAGER if original_implementation == "eager" else paged_name
+
+
+def register_eager_variant(attention_function) -> None:
+    """Register `ATTENTION_NAME_EAGER` with the plugin's attention function and the boolean SDPA mask (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME_EAGER, attention_function)
+    AttentionMaskInterface.register(ATTENTION_NAME_EAGER, sdpa_mask)
+
+
+def reference_implementation(module) -> str:
+    """"eager" or "sdpa": what stock transformers runs for this attention module."""
+    config = getattr(module, "config", None)
+    return "eager" if getattr(config, "_attn_implementation", None) == ATTENTION_NAME_EAGER else "sdpa"
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def needs_reference(module, query: torch.Tensor, kwargs: dict) -> bool:
+    """Whether a paged forward must run the stock implementation on the rows' K/V to give stock's results."""
+    if reference_implementation(module) == "eager":
+        if weights_wanted.get():  # only eager returns attention weights, and the faster paths compute none
+            return True
+    elif kwargs.get("softcap") is not None:
+        # Stock SDPA ignores (transformers < 5.18) or refuses (>= 5.18) a softcap; the Triton kernel would apply it.
+        return True
+    # On CPU the faster path is the shared-prefix split, whose two partial softmaxes round differently from stock's
+    # single one: harmless in fp32 (~1e-6), but in fp16 / bf16 the logits move by ~0.1 and sampled tokens change.
+    return query.device.type == "cpu" and query.dtype in _HALF
+
+
+def reference_on_rows(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """`reference_attention` on every row's K/V [rows, kv_heads, seq_len, head_dim] read from the pool, cut to what
+    stock's cache would hand the layer (see the module docstring)."""
+    window = stock_cache_window(module)
+    seq_len, query_len = key.shape[2], query.shape[2]
+    if window is not None:
+        keep = min(seq_len - query_len, window - 1) + query_len
+        if keep < seq_len:
+            key, value = key[:, :, seq_len - keep :], value[:, :, seq_len - keep :]
+            if attention_mask is not None:
+                attention_mask = attention_mask[..., attention_mask.shape[-1] - keep :]
+    return reference_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+_windows: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def stock_cache_window(module) -> int | None:
+    """The window of the `DynamicSlidingWindowLayer` stock's `DynamicCache` gives this attention module's layer, or
+    None where stock keeps the layer's whole history."""
+    try:
+        return _windows[module]
+    except KeyError:
+        pass
+    window = None
+    config, layer_idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    if config is not None and isinstance(layer_idx, int):
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        if layer_idx < len(layer_types) and layer_types[layer_idx] == "sliding_attention":
+            # transformers >= 5.18 gives kwargs per layer, earlier releases one dict for all layers
+            kwargs = layer_kwargs[layer_idx] if isinstance(layer_kwargs, list) else layer_kwargs
+            window = kwargs.get("sliding_window")
+    _windows[module] = window
+    return window
+
+
+def reference_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Stock attention for `module` on ordinary K/V [rows, kv_heads, seq, head_dim]; `attention_mask` is sdpa_mask's."""
+    if reference_implementation(module) == "sdpa":
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    eager = family_eager(type(module))
+    if eager is None:
+        raise NotImplementedError(
+            f"paged-generate: {type(module).__name__} runs eager attention but its modeling module has no "
+            f"`eager_attention_forward` to reproduce it. Disable the plugin for this model (`disable_paged_cache`) or "
+            f"load it with attn_implementation='sdpa'."
+        )
+    mask = _additive_mask(attention_mask, query, key, getattr(module, "is_causal", True))
+    return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def family_eager(cls):
+    """The `eager_attention_forward` of the modeling file defining `cls` (what stock's registry lookup falls back to
+    for "eager"), or None."""
+    return getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+
+
+def _additive_mask(mask, query: torch.Tensor, key: torch.Tensor, is_causal: bool):
+    """sdpa_mask's boolean mask (True = attend) or None -> the float mask `eager_mask` builds: 0 / dtype's minimum.
+
+    sdpa_mask returns None only where the pattern is plain causal without padding (or nothing is masked), which
+    SDPA then applies through `is_causal`; eager needs it spelled out.
+    """
+    min_value = torch.finfo(query.dtype).min
+    if mask is None:
+        query_len, kv_len = query.shape[2], key.shape[2]
+        if not is_causal or query_len == 1:
+            return None
+        positions = torch.arange(kv_len, device=query.device)
+        mask = positions[None, :] <= positions[kv_len - query_len :, None]
+        mask = mask[None, None]
+    if mask.dtype != torch.bool:
+        return mask
+    zero = torch.tensor(0.0, dtype=query.dtype, device=mask.device)
+    return torch.where(mask, zero, min_value)
