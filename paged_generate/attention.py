@@ -77,28 +77,32 @@ def _triton_forward(query, key_pool, value_pool, attention_mask, step, scale: fl
     from . import kernels
 
     device_step = key_pool.paged_device_step
-    return kernels.paged_attention(
-        query, key_pool, value_pool, device_step.block_tables, device_step.seq_lens, scale=scale,
-        kv_start=device_step.kv_start(attention_mask), sliding_window=kwargs.get("sliding_window"),
+    features = dict(
+        scale=scale, kv_start=device_step.kv_start(attention_mask), sliding_window=kwargs.get("sliding_window"),
         softcap=kwargs.get("softcap"),
     )
+    if _shares_prefix(step):
+        groups = step.shared_on(key_pool.device).kernel_args(step.block_size)
+        return kernels.shared_prefix_paged_attention(
+            query, key_pool, value_pool, seq_lens=device_step.seq_lens, **groups, **features
+        )
+    return kernels.paged_attention(query, key_pool, value_pool, device_step.block_tables, device_step.seq_lens,
+                                   **features)
 
 
 def _scale(module, query, scaling) -> float:
     return scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
 
 
-def _can_split_shared_prefix(step, dropout: float, kwargs: dict) -> bool:
+def _shares_prefix(step) -> bool:
+    """A decode step whose rows come in groups holding the same leading blocks (beams or samples of a prompt)."""
     shared = step.shared
-    return (
-        shared is not None
-        and shared.group_size > 1
-        and shared.num_blocks > 0
-        and step.query_len == 1
-        and not dropout
-        and not kwargs.get("softcap")
-        and kwargs.get("s_aux") is None
-    )
+    return shared is not None and shared.group_size > 1 and shared.num_blocks > 0 and step.query_len == 1
+
+
+def _can_split_shared_prefix(step, dropout: float, kwargs: dict) -> bool:
+    # The PyTorch split has no softcap / sinks / dropout: those take the unsplit path.
+    return _shares_prefix(step) and not dropout and not kwargs.get("softcap") and kwargs.get("s_aux") is None
 
 
 def _shared_prefix_forward(module, query, key_pool, value_pool, attention_mask, step, scaling) -> torch.Tensor:

@@ -60,6 +60,24 @@ class DeviceSharedPrefix:
     suffix_tables: torch.Tensor
     suffix_len: int
     prefix_layout: tuple[int, int] | None
+    group_size: int
+    _kernel_args: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def kernel_args(self, block_size: int) -> dict:
+        """The grouping as the Triton shared-prefix kernel takes it, built once per step and device."""
+        if not self._kernel_args:
+            from .kernels import group_members
+
+            num_groups, num_shared = self.prefix_tables.shape
+            self._kernel_args.update(
+                row_group=self.row_group,
+                prefix_tables=self.prefix_tables,
+                prefix_len=torch.full((num_groups,), num_shared * block_size, dtype=torch.int32,
+                                      device=self.row_group.device),
+                suffix_tables=self.suffix_tables,
+                members=group_members(self.row_group, num_groups, max_group_size=self.group_size),
+            )
+        return self._kernel_args
 
 
 @dataclass
@@ -119,6 +137,7 @@ class PagedStep:
             suffix_tables=_to(self.tables[:, num_shared:], torch.int64, device),
             suffix_len=self.seq_len - num_shared * self.block_size,
             prefix_layout=_regular_layout(prefix),
+            group_size=group_size,
         )
 
 

@@ -23,6 +23,10 @@ _LAZY = {
     "choose_num_splits": ".attention",
     "write_kv": ".cache_write",
     "copy_blocks": ".block_copy",
+    "shared_prefix_paged_attention": ".shared_prefix",
+    "group_members": ".shared_prefix",
+    "shared_prefix_paged_attention_reference": ".shared_prefix_reference",
+    "full_block_tables": ".shared_prefix_reference",
 }
 
 __all__ = [
@@ -33,6 +37,10 @@ __all__ = [
     "write_kv_reference",
     "copy_blocks_reference",
     "choose_num_splits",
+    "shared_prefix_paged_attention",
+    "group_members",
+    "shared_prefix_paged_attention_reference",
+    "full_block_tables",
     "triton_available",
     "is_interpreting",
 ]

@@ -38,28 +38,38 @@ def _both(model, device, seed=0, **kwargs):
 def _count_kernel_calls(model, seed, kwargs):
     from paged_generate import kernels
 
-    calls = {"attention": 0}
-    original = kernels.paged_attention
+    names = ("paged_attention", "shared_prefix_paged_attention")
+    calls = dict.fromkeys(names, 0)
+    originals = {name: getattr(kernels, name) for name in names}
 
-    def counting(*args, **kw):
-        calls["attention"] += 1
-        return original(*args, **kw)
+    def counting(name):
+        def call(*args, **kw):
+            calls[name] += 1
+            return originals[name](*args, **kw)
 
-    kernels.paged_attention = counting
+        return call
+
+    for name in names:
+        setattr(kernels, name, counting(name))
     try:
         torch.manual_seed(seed)
         model.generate(**{**kwargs, "max_new_tokens": 2})
     finally:
-        kernels.paged_attention = original
+        for name, original in originals.items():
+            setattr(kernels, name, original)
     return calls
 
 
 def test_beam_search_with_kernels(model, device):
     stock, paged, calls = _both(model, device, max_new_tokens=8, num_beams=3, num_return_sequences=2)
     assert torch.equal(sequences(stock), sequences(paged))
-    assert calls["attention"] == 2 * model.config.num_hidden_layers  # prefill + one decode step, every layer
+    # Every layer runs a kernel: the plain one for the prompt, the shared-prefix one for the decode step (the
+    # 21-token prompts leave one full block shared by each prompt's beams).
+    layers = model.config.num_hidden_layers
+    assert calls == {"paged_attention": layers, "shared_prefix_paged_attention": layers}
 
 
 def test_sampling_with_kernels(model, device):
     stock, paged, _ = _both(model, device, seed=3, max_new_tokens=8, do_sample=True, num_return_sequences=3)
     assert torch.equal(stock, paged)
+

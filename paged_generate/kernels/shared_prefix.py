@@ -1,0 +1,535 @@
+"""Shared-prefix (cascade) decode attention over the paged KV cache.
+
+Rows that share their leading blocks (the beams or samples of one prompt) form a group. The
+attention of all the group's queries over the shared blocks is one matrix-matrix product per
+(group, kv head): each shared K/V tile is loaded once and multiplied by a query tile that stacks
+members x q heads per kv head. Each row then attends to its own blocks, and the two partial
+softmaxes are merged exactly (FlashInfer's cascade attention, Hydragen, bifurcated attention).
+
+Launches (all on the caller's stream, in order):
+
+1. ``_prefix_kernel``: one program per (query tile of a group, group x kv head, prefix split);
+   writes the partial softmax state (max in log2 units, sum, unnormalised P @ V) of each query.
+2. ``_suffix_kernel``: one program per (row, kv head, suffix split) over the row's own blocks.
+   With one suffix split it also merges the prefix partials and writes the output; with more it
+   writes partials as well and
+3. ``split_reduce`` merges them all.
+
+Partial states use ``split_reduce``'s layout ``[num_rows, 1, num_q_heads, num_slots(, head_dim)]``:
+slots ``[0, prefix_splits)`` belong to the prefix kernel, the rest to the suffix kernel.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from ._triton import check_launchable, kernel_is_interpreted, next_power_of_2, tl, triton
+from .attention import MAX_FORCED_SPLITS, _check_inputs, choose_num_splits, kernel_meta
+from .bf16 import round_to_bf16
+from .softcap import tanh
+from .split_reduce import split_reduce
+
+# Queries (members x q heads per kv head) per prefix program. Bigger groups take several tiles,
+# which re-read the prefix (mostly from L2: the tiles of one prefix split run side by side).
+PREFIX_MAX_M = 64
+
+
+@triton.jit
+def _attend_tiles(
+    q,  # [BLOCK_M, HEAD_DIM_PAD] query tile
+    m_i,  # [BLOCK_M] fp32 running max (log2 units)
+    l_i,  # [BLOCK_M] fp32 running sum
+    acc,  # [BLOCK_M, HEAD_DIM_PAD] fp32 unnormalised P @ V
+    q_pos,  # [BLOCK_M] absolute position of each query
+    q_lo,  # [BLOCK_M] first key position each query may see (left padding)
+    m_valid,  # [BLOCK_M] live tile rows
+    key_cache_ptr,
+    value_cache_ptr,
+    table_ptr,  # block table whose entry 0 holds position table_pos
+    table_pos,  # a multiple of BLOCK_SIZE
+    load_lo,  # keys outside [load_lo, load_hi) are neither read nor seen
+    load_hi,
+    tile_begin,  # tiles [tile_begin, tile_end) of TILE_N absolute positions
+    tile_end,
+    head_offset,  # int64 kv head offset into the cache
+    stride_c_block,
+    stride_c_slot,
+    scale,
+    softcap,
+    sliding_window,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax attention of the query tile over key tiles read through one block table."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    offs_n = tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    for tile in range(tile_begin, tile_end):
+        k_pos = tile * TILE_N + offs_n
+        local = k_pos - table_pos
+        # Slots outside [load_lo, load_hi) may never have been written (NaN garbage, -1 blocks),
+        # and 0 * NaN poisons P @ V: mask them at the load.
+        kv_valid = (k_pos >= load_lo) & (k_pos < load_hi)
+        if TILE_N <= BLOCK_SIZE:
+            # table_pos is block aligned, so the tile lies inside one block.
+            block_id = tl.load(table_ptr + (tile * TILE_N - table_pos) // BLOCK_SIZE).to(tl.int64)
+            slot_offsets = block_id * stride_c_block + (local % BLOCK_SIZE).to(tl.int64) * stride_c_slot
+        else:
+            block_ids = tl.load(table_ptr + local // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
+            slot_offsets = block_ids * stride_c_block + (local % BLOCK_SIZE).to(tl.int64) * stride_c_slot
+        kv_offsets = slot_offsets[:, None] + head_offset + offs_d[None, :]
+        kv_mask = kv_valid[:, None] & d_valid[None, :]
+        k = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [TILE_N, HEAD_DIM_PAD]
+        v = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        if EMULATE_BF16:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if USE_SOFTCAP:
+            s = (softcap * LOG2E) * tanh(s * (scale / softcap))
+        else:
+            s = s * (scale * LOG2E)
+
+        visible = m_valid[:, None] & kv_valid[None, :]
+        visible = visible & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= q_lo[:, None])
+        if SLIDING_WINDOW:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # P is rounded to the cache dtype for the tensor-core dot, as flash-attention does.
+        if EMULATE_BF16:
+            acc += tl.dot(round_to_bf16(p), v.to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _split_tiles(load_lo, load_hi, split, num_splits, TILE_N: tl.constexpr):
+    """This split's share [begin, end) of the tiles covering keys [load_lo, load_hi) (empty if none)."""
+    tile_begin = load_lo // TILE_N
+    tile_end = tl.cdiv(load_hi, TILE_N)
+    per_split = tl.cdiv(tl.maximum(tile_end - tile_begin, 0), num_splits)
+    begin = tile_begin + split * per_split
+    return begin, tl.minimum(begin + per_split, tile_end)
+
+
+@triton.jit
+def _prefix_kernel(
+    part_max_ptr,  # [num_rows, num_q_heads, num_slots] fp32
+    part_sum_ptr,  # [num_rows, num_q_heads, num_slots] fp32
+    part_acc_ptr,  # [num_rows, num_q_heads, num_slots, HEAD_DIM] fp32
+    query_ptr,  # [num_rows, num_q_heads, 1, head_dim], any strides
+    key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], head_dim stride 1
+    value_cache_ptr,  # same shape and strides as key_cache
+    prefix_tables_ptr,  # [num_groups, max_prefix_blocks] int32/int64, column stride 1
+    prefix_len_ptr,  # [num_groups] int32, shared tokens (multiple of BLOCK_SIZE)
+    group_start_ptr,  # [num_groups + 1] int32: group g's rows are member_rows[group_start[g]:group_start[g + 1]]
+    member_rows_ptr,  # [num_rows] int32
+    seq_lens_ptr,  # [num_rows] int32
+    kv_start_ptr,  # [num_rows] int32 (HAS_KV_START only)
+    stride_q_row,
+    stride_q_head,
+    stride_q_dim,
+    stride_c_block,
+    stride_c_slot,
+    stride_c_head,
+    stride_pt_group,
+    num_kv_heads,
+    num_q_heads,
+    num_slots,
+    scale,
+    softcap,
+    sliding_window,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,  # q heads per kv head
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # members per tile x GROUP_PAD, >= 16 for tl.dot
+    TILE_N: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    MEMBERS: tl.constexpr = BLOCK_M // GROUP_PAD
+    m_tile = tl.program_id(0)
+    group = tl.program_id(1) // num_kv_heads
+    kv_head = tl.program_id(1) % num_kv_heads
+    split = tl.program_id(2)
+    first_member = tl.load(group_start_ptr + group)
+    num_members = tl.load(group_start_ptr + group + 1) - first_member
+
+    # Tile row m holds member m // GROUP_PAD of this tile and q head kv_head * GROUP + m % GROUP_PAD.
+    offs_m = tl.arange(0, BLOCK_M)
+    member = m_tile * MEMBERS + offs_m // GROUP_PAD
+    head_in_group = offs_m % GROUP_PAD
+    m_valid = (member < num_members) & (head_in_group < GROUP)
+    row = tl.load(member_rows_ptr + first_member + member, mask=m_valid, other=0).to(tl.int64)
+    q_head = kv_head * GROUP + head_in_group
+    q_pos = tl.load(seq_lens_ptr + row, mask=m_valid, other=0) - 1
+    if HAS_KV_START:
+        q_lo = tl.maximum(tl.load(kv_start_ptr + row, mask=m_valid, other=0), 0)
+    else:
+        q_lo = tl.zeros([BLOCK_M], tl.int32)
+
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    q_ptrs = (
+        query_ptr
+        + row[:, None] * stride_q_row
+        + q_head[:, None].to(tl.int64) * stride_q_head
+        + offs_d[None, :] * stride_q_dim
+    )
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    if EMULATE_BF16:
+        q = q.to(tl.float32)
+
+    # Keys some query of the tile can see: from the lowest first-visible key to the highest
+    # position, within the prefix. Members may differ in kv_start and position.
+    lo = q_lo
+    if SLIDING_WINDOW:
+        lo = tl.maximum(lo, q_pos - sliding_window + 1)
+    load_lo = tl.min(tl.where(m_valid, lo, 2147483647), 0)  # int32 max: "sees nothing"
+    load_hi = tl.minimum(tl.max(tl.where(m_valid, q_pos + 1, 0), 0), tl.load(prefix_len_ptr + group))
+    my_begin, my_end = _split_tiles(load_lo, load_hi, split, tl.num_programs(2), TILE_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    m_i, l_i, acc = _attend_tiles(
+        q, m_i, l_i, acc, q_pos, q_lo, m_valid,
+        key_cache_ptr, value_cache_ptr, prefix_tables_ptr + group.to(tl.int64) * stride_pt_group, 0,
+        load_lo, load_hi, my_begin, my_end, kv_head.to(tl.int64) * stride_c_head, stride_c_block, stride_c_slot,
+        scale, softcap, sliding_window,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION,
+    )  # fmt: skip
+
+    # Every live query writes its slot, even with nothing visible (m = -inf, l = 0, acc = 0).
+    slot = (row * num_q_heads + q_head) * num_slots + split
+    tl.store(part_max_ptr + slot, m_i, mask=m_valid)
+    tl.store(part_sum_ptr + slot, l_i, mask=m_valid)
+    tl.store(part_acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=m_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _suffix_kernel(
+    out_ptr,  # [num_rows, 1, num_q_heads, HEAD_DIM] contiguous (MERGE only)
+    part_max_ptr,  # [num_rows, num_q_heads, num_slots] fp32
+    part_sum_ptr,  # [num_rows, num_q_heads, num_slots] fp32
+    part_acc_ptr,  # [num_rows, num_q_heads, num_slots, HEAD_DIM] fp32
+    query_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    suffix_tables_ptr,  # [num_rows, max_suffix_blocks] int32/int64, column stride 1
+    row_group_ptr,  # [num_rows] int64
+    prefix_len_ptr,  # [num_groups] int32
+    seq_lens_ptr,  # [num_rows] int32
+    kv_start_ptr,  # [num_rows] int32 (HAS_KV_START only)
+    stride_q_row,
+    stride_q_head,
+    stride_q_dim,
+    stride_c_block,
+    stride_c_slot,
+    stride_c_head,
+    stride_st_row,
+    num_q_heads,
+    num_slots,
+    first_slot,  # this kernel's partials go to slots first_slot + split; slots before it are the prefix's
+    scale,
+    softcap,
+    sliding_window,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # max(16, GROUP_PAD)
+    TILE_N: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MERGE: tl.constexpr,  # one suffix split: merge the prefix partials and write out
+):
+    row = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    prefix_len = tl.load(prefix_len_ptr + tl.load(row_group_ptr + row))
+    q_pos = tl.load(seq_lens_ptr + row) - 1
+    if HAS_KV_START:
+        kv_lo = tl.maximum(tl.load(kv_start_ptr + row), 0)
+    else:
+        kv_lo = 0
+
+    offs_m = tl.arange(0, BLOCK_M)
+    m_valid = offs_m < GROUP
+    q_head = kv_head * GROUP + offs_m
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    q_ptrs = (
+        query_ptr
+        + row * stride_q_row
+        + q_head[:, None].to(tl.int64) * stride_q_head
+        + offs_d[None, :] * stride_q_dim
+    )
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    if EMULATE_BF16:
+        q = q.to(tl.float32)
+
+    # The row's own keys: [prefix_len, position], after left padding and within the window.
+    load_lo = tl.maximum(kv_lo, prefix_len)
+    if SLIDING_WINDOW:
+        load_lo = tl.maximum(load_lo, q_pos - sliding_window + 1)
+    load_hi = q_pos + 1
+    my_begin, my_end = _split_tiles(load_lo, load_hi, split, tl.num_programs(2), TILE_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    q_pos_m = tl.zeros([BLOCK_M], tl.int32) + q_pos
+    q_lo_m = tl.zeros([BLOCK_M], tl.int32) + kv_lo
+    m_i, l_i, acc = _attend_tiles(
+        q, m_i, l_i, acc, q_pos_m, q_lo_m, m_valid,
+        key_cache_ptr, value_cache_ptr, suffix_tables_ptr + row * stride_st_row, prefix_len,
+        load_lo, load_hi, my_begin, my_end, kv_head.to(tl.int64) * stride_c_head, stride_c_block, stride_c_slot,
+        scale, softcap, sliding_window,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION,
+    )  # fmt: skip
+
+    head_index = row * num_q_heads + q_head  # flat (row, q head): the layout of out and of the partials
+    if MERGE:
+        for s in range(0, first_slot):
+            slot = head_index * num_slots + s
+            m_s = tl.load(part_max_ptr + slot, mask=m_valid, other=float("-inf"))
+            l_s = tl.load(part_sum_ptr + slot, mask=m_valid, other=0.0)
+            acc_s = tl.load(
+                part_acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=m_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+            m_new = tl.maximum(m_i, m_s)
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            beta = tl.exp2(m_s - m_shift)
+            l_i = l_i * alpha + l_s * beta
+            acc = acc * alpha[:, None] + acc_s * beta[:, None]
+            m_i = m_new
+        # No visible key anywhere leaves l = 0 and acc = 0: output zeros.
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if EMULATE_BF16:
+            out = round_to_bf16(out)
+        tl.store(
+            out_ptr + head_index[:, None] * HEAD_DIM + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=m_valid[:, None] & d_valid[None, :],
+        )
+    else:
+        slot = head_index * num_slots + first_slot + split
+        tl.store(part_max_ptr + slot, m_i, mask=m_valid)
+        tl.store(part_sum_ptr + slot, l_i, mask=m_valid)
+        tl.store(
+            part_acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=m_valid[:, None] & d_valid[None, :]
+        )
+
+
+class GroupMembers(NamedTuple):
+    """Rows of each group, side by side: group g's rows are ``member_rows[group_start[g]:group_start[g + 1]]``."""
+
+    member_rows: torch.Tensor  # int32 [num_rows]
+    group_start: torch.Tensor  # int32 [num_groups + 1]
+    max_group_size: int
+
+
+def group_members(row_group: torch.Tensor, num_groups: int, max_group_size: int | None = None) -> GroupMembers:
+    """The member lists the prefix kernel reads, from ``row_group`` (int64 [num_rows], values in [0, num_groups)).
+
+    They depend only on the grouping, so a caller can build them once per step and pass them to every layer's
+    ``shared_prefix_paged_attention(..., members=...)``. Without ``max_group_size`` (an upper bound of the group
+    sizes; a smaller one leaves rows unserved) this reads the largest group size back from the device (one sync).
+    """
+    device = row_group.device
+    row_group = row_group.long()
+    member_rows = torch.argsort(row_group, stable=True).to(torch.int32)
+    counts = torch.zeros(num_groups, dtype=torch.int64, device=device)
+    counts.index_add_(0, row_group, torch.ones_like(row_group))
+    group_start = torch.zeros(num_groups + 1, dtype=torch.int32, device=device)
+    group_start[1:] = torch.cumsum(counts, 0)
+    if max_group_size is None:
+        max_group_size = int(counts.max()) if num_groups else 0
+    return GroupMembers(member_rows, group_start, int(max_group_size))
+
+
+def prefix_meta(*, max_group_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                dtype: torch.dtype, has_kv_start: bool, sliding_window: bool, softcap: bool,
+                emulate_bf16: bool = False) -> dict:  # fmt: skip
+    """The prefix kernel's constexprs and launch options (also used to AOT-compile it in tests)."""
+    base = kernel_meta(
+        query_len=1, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
+        dtype=dtype, has_kv_start=has_kv_start, sliding_window=sliding_window, softcap=softcap, split=False,
+        emulate_bf16=emulate_bf16,
+    )  # fmt: skip
+    group_pad = base["GROUP_PAD"]
+    block_m = max(16, group_pad, min(next_power_of_2(max(max_group_size, 1) * group_pad), PREFIX_MAX_M))
+    head_dim_pad = base["HEAD_DIM_PAD"]
+    meta = {k: base[k] for k in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_SIZE", "GROUP", "GROUP_PAD", "HAS_KV_START",
+                                 "SLIDING_WINDOW", "USE_SOFTCAP", "EMULATE_BF16", "DOT_PRECISION")}  # fmt: skip
+    # The prefix is read once per tile of queries, so take wide key tiles (several blocks per tile
+    # when blocks are small: looked up per key). Warps: what keeps sm_90 below 255 registers
+    # without spills (see test_kernel_shared_prefix_compile.py).
+    meta.update(BLOCK_M=block_m, TILE_N=32 if head_dim_pad >= 256 else 64,
+                num_warps=8 if block_m * head_dim_pad >= 32 * 128 else 4)  # fmt: skip
+    return meta
+
+
+def suffix_meta(*, merge: bool, **kwargs) -> dict:
+    """The suffix kernel's constexprs and launch options: paged_attention's decode choices."""
+    meta = kernel_meta(query_len=1, split=False, **kwargs)
+    del meta["BLOCK_Q"], meta["SPLIT"]
+    meta["MERGE"] = merge
+    return meta
+
+
+def _check_grouping(num_rows, row_group, prefix_tables, prefix_len, suffix_tables, device):
+    if row_group.dtype not in (torch.int32, torch.int64) or row_group.shape != (num_rows,):
+        raise ValueError(f"row_group must be int64 [{num_rows}], got {row_group.dtype} {tuple(row_group.shape)}")
+    for name, table, rows in (("prefix_tables", prefix_tables, None), ("suffix_tables", suffix_tables, num_rows)):
+        if table.dtype not in (torch.int32, torch.int64) or table.dim() != 2 or rows not in (None, table.shape[0]):
+            raise ValueError(f"{name} must be int32/int64 [{rows or 'num_groups'}, blocks], got "
+                             f"{table.dtype} {tuple(table.shape)}")  # fmt: skip
+    num_groups = prefix_tables.shape[0]
+    if prefix_len.dtype not in (torch.int32, torch.int64) or prefix_len.shape != (num_groups,):
+        raise ValueError(f"prefix_len must be int32 [{num_groups}], got {prefix_len.dtype} {tuple(prefix_len.shape)}")
+    for name, t in (("row_group", row_group), ("prefix_tables", prefix_tables), ("prefix_len", prefix_len),
+                    ("suffix_tables", suffix_tables)):  # fmt: skip
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, query on {device}")
+
+
+def shared_prefix_paged_attention(
+    query: torch.Tensor,  # [num_rows, num_q_heads, 1, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    *,
+    row_group: torch.Tensor,  # int64 [num_rows], the group of each row
+    prefix_tables: torch.Tensor,  # int32/int64 [num_groups, max_prefix_blocks], the group's shared blocks
+    prefix_len: torch.Tensor,  # int32 [num_groups], shared tokens (a multiple of block_size; 0 allowed)
+    suffix_tables: torch.Tensor,  # int32/int64 [num_rows, max_suffix_blocks], the row's blocks after the prefix
+    seq_lens: torch.Tensor,  # int32 [num_rows], the row's tokens: prefix + own, this step's query included
+    scale: float,
+    kv_start: torch.Tensor | None = None,  # int32 [num_rows], first non-padding key position
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    members: GroupMembers | None = None,  # group_members(row_group, num_groups), if already at hand
+    num_splits: int | None = None,  # splits of each group's prefix (default: from the grid size)
+    suffix_splits: int | None = None,  # splits of each row's own keys (default: from the grid size)
+) -> torch.Tensor:  # [num_rows, 1, num_q_heads, head_dim], query dtype
+    """Decode attention of rows grouped by shared leading blocks; the same result as ``paged_attention``
+    of each row over its full table (prefix blocks, then own blocks): see ``shared_prefix_paged_attention_reference``.
+
+    Row r of group g = row_group[r] has its query at position ``seq_lens[r] - 1`` and its keys at positions
+    ``[0, prefix_len[g])`` in ``prefix_tables[g]`` and ``[prefix_len[g], seq_lens[r])`` in ``suffix_tables[r]``
+    (so ``seq_lens[r] >= prefix_len[g]``). It sees keys ``kv_start[r] <= k <= seq_lens[r] - 1`` (and
+    ``k > seq_lens[r] - 1 - sliding_window``); a query that sees no key outputs zeros. Groups may have any size
+    and membership. Members of a group may differ in ``kv_start`` and ``seq_lens``, but then the prefix slots from
+    the group's smallest ``kv_start`` on must hold finite values (the kernel reads a shared tile once for all
+    members and masks per query, and 0 * NaN is NaN); when every member has the same ``kv_start``, slots below it
+    are never read. Table entries past the tokens are never read (-1 padding is fine).
+    """
+    if query.dim() == 4 and query.shape[2] != 1:
+        raise ValueError(f"shared-prefix attention is for decode (query_len 1), got query_len {query.shape[2]}")
+    num_rows = query.shape[0]
+    # paged_attention's checks of everything but the tables (given an empty, valid one).
+    empty_table = torch.empty(num_rows, 0, dtype=torch.int32, device=query.device)
+    _check_inputs(query, key_cache, value_cache, empty_table, seq_lens, kv_start, scale, sliding_window, softcap)
+    _check_grouping(num_rows, row_group, prefix_tables, prefix_len, suffix_tables, query.device)
+    _, num_q_heads, _, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    num_groups = prefix_tables.shape[0]
+    optional = [kv_start] if kv_start is not None else []
+    check_launchable(_suffix_kernel, query, key_cache, value_cache, row_group, prefix_tables, prefix_len,
+                     suffix_tables, seq_lens, *optional)  # fmt: skip
+
+    out = torch.empty(num_rows, 1, num_q_heads, head_dim, dtype=query.dtype, device=query.device)
+    if out.numel() == 0:
+        return out
+    prefix_tables = prefix_tables if prefix_tables.stride(1) == 1 else prefix_tables.contiguous()
+    suffix_tables = suffix_tables if suffix_tables.stride(1) == 1 else suffix_tables.contiguous()
+    prefix_len = prefix_len.to(torch.int32).contiguous()
+    row_group = row_group.contiguous()
+    seq_lens = seq_lens.contiguous()
+    kv_start = kv_start.contiguous() if kv_start is not None else None
+    if members is None:
+        members = group_members(row_group, num_groups)
+    elif members.member_rows.shape != (num_rows,) or members.group_start.shape != (num_groups + 1,):
+        raise ValueError("members does not match row_group / prefix_tables: build it with group_members()")
+
+    emulate_bf16 = query.dtype == torch.bfloat16 and kernel_is_interpreted(_suffix_kernel)
+    shape = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
+                 dtype=query.dtype, has_kv_start=kv_start is not None, sliding_window=sliding_window is not None,
+                 softcap=softcap is not None, emulate_bf16=emulate_bf16)  # fmt: skip
+    run_prefix = num_groups > 0 and members.max_group_size > 0 and prefix_tables.shape[1] > 0
+    pmeta = prefix_meta(max_group_size=members.max_group_size, **shape)
+    m_tiles = -(-members.max_group_size * pmeta["GROUP_PAD"] // pmeta["BLOCK_M"])
+    if not run_prefix:
+        num_splits = 0
+    elif num_splits is None:
+        programs = m_tiles * num_groups * num_kv_heads
+        num_splits = choose_num_splits(programs, prefix_tables.shape[1] * block_size, query.device)
+    elif not 1 <= num_splits <= MAX_FORCED_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_FORCED_SPLITS}], got {num_splits}")
+    if suffix_splits is None:
+        suffix_splits = choose_num_splits(num_rows * num_kv_heads, suffix_tables.shape[1] * block_size, query.device)
+    if not 1 <= suffix_splits <= MAX_FORCED_SPLITS or num_splits + suffix_splits > MAX_FORCED_SPLITS:
+        raise ValueError(f"suffix_splits must be in [1, {MAX_FORCED_SPLITS} - num_splits], got {suffix_splits}")
+    merge = suffix_splits == 1
+    num_slots = num_splits + (0 if merge else suffix_splits)
+
+    if num_slots:
+        part_max = torch.empty(num_rows, 1, num_q_heads, num_slots, dtype=torch.float32, device=query.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(*part_max.shape, head_dim, dtype=torch.float32, device=query.device)
+    else:
+        part_max = part_sum = part_acc = out  # never touched: no prefix, and the suffix kernel merges
+    features = (float(scale), float(softcap) if softcap is not None else 1.0,
+                int(sliding_window) if sliding_window is not None else 0)  # fmt: skip
+    query_strides = (query.stride(0), query.stride(1), query.stride(3))
+    cache_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2))
+    kv_start_arg = kv_start if kv_start is not None else seq_lens  # never read without HAS_KV_START
+
+    if run_prefix:
+        _prefix_kernel[(m_tiles, num_groups * num_kv_heads, num_splits)](
+            part_max, part_sum, part_acc, query, key_cache, value_cache,
+            prefix_tables, prefix_len, members.group_start, members.member_rows, seq_lens, kv_start_arg,
+            *query_strides, *cache_strides, prefix_tables.stride(0),
+            num_kv_heads, num_q_heads, num_slots, *features,
+            **pmeta,
+        )  # fmt: skip
+    _suffix_kernel[(num_rows, num_kv_heads, suffix_splits)](
+        out, part_max, part_sum, part_acc, query, key_cache, value_cache,
+        suffix_tables, row_group, prefix_len, seq_lens, kv_start_arg,
+        *query_strides, *cache_strides, suffix_tables.stride(0),
+        num_q_heads, num_slots, num_splits, *features,
+        **suffix_meta(merge=merge, **shape),
+    )  # fmt: skip
+    if not merge:
+        split_reduce(out, part_max, part_sum, part_acc)
+    return out

@@ -1,0 +1,59 @@
+"""benchmarks/kernels.py without a GPU: the CPU exit, the peak lookup, and its inputs, baselines and --check run
+under the Triton interpreter (the timing itself needs CUDA)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_kernels", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_cuda_says_so_and_exits_0(bench, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main([]) == 0
+    assert "needs a CUDA device" in capsys.readouterr().out
+
+
+def test_peak_bandwidth(bench):
+    assert bench.peak_bandwidth("NVIDIA H100 80GB HBM3", None) == 3.35e12
+    assert bench.peak_bandwidth("NVIDIA H100 PCIe", None) == 2.0e12
+    assert bench.peak_bandwidth("NVIDIA H200", None) == 4.8e12
+    assert bench.peak_bandwidth("NVIDIA A100-SXM4-80GB", None) == 2.0e12
+    assert bench.peak_bandwidth("NVIDIA A100 80GB PCIe", None) == 2.0e12
+    assert bench.peak_bandwidth("NVIDIA L4", None) is None
+    assert bench.peak_bandwidth("NVIDIA L4", 3e11) == 3e11
+
+
+def test_sdpa_baseline_computes_the_same_attention(bench, device):
+    case = bench.decode_case(2, 40, device)
+    key, value = bench.contiguous_kv(case)
+    assert key.shape == (2, bench.NUM_KV_HEADS, 40, bench.HEAD_DIM) and key.is_contiguous()
+    sdpa = bench.run_sdpa(case["query"].cpu().double(), key.cpu().double(), value.cpu().double())
+    reference = bench.kernels.paged_attention_reference(
+        case["query"].cpu().double(), case["key_cache"].cpu(), case["value_cache"].cpu(), case["block_tables"].cpu(),
+        case["seq_lens"].cpu(), scale=bench.SCALE)
+    torch.testing.assert_close(sdpa.transpose(1, 2), reference, rtol=1e-9, atol=1e-9)
+
+
+def test_shared_case_tables(bench, device):
+    case = bench.shared_case(3, 32, 20, device)
+    prefix, own = case["prefix_tables"][0].tolist(), case["suffix_tables"].tolist()
+    assert case["full_tables"].tolist() == [prefix + row for row in own]
+    assert case["seq_lens"].tolist() == [52] * 3 and case["members"].max_group_size == 3
+    # Every block is used once: the prefix by all rows, the own blocks by one row each.
+    assert sorted(prefix + sum(own, [])) == list(range(case["key_cache"].shape[0]))
+
+
+def test_check_passes_under_the_interpreter(bench, device):
+    errors = bench.check_kernels(device)
+    assert len(errors) == 5
