@@ -1,0 +1,17 @@
+"""The demo behind `paged-generate demo` and the notebooks: the embedded model, measurements, figures."""
+
+from .measure import KVTrace, MemoryProbe, capture_caches, compare, generate_kwargs, kv_snapshot, run_generate
+from .model import DEFAULT_MODEL_DIR, PROMPTS, load_model
+
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "PROMPTS",
+    "KVTrace",
+    "MemoryProbe",
+    "capture_caches",
+    "compare",
+    "generate_kwargs",
+    "kv_snapshot",
+    "load_model",
+    "run_generate",
+]
