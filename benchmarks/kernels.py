@@ -28,6 +28,9 @@ import statistics
 import sys
 from pathlib import Path
 
+# Run as a script, this folder is sys.path[0]: its kernels.py would shadow the `kernels` package transformers probes.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import torch
 
 try:

@@ -28,6 +28,9 @@ import time
 from importlib import metadata, util
 from pathlib import Path
 
+# Run as a script, this folder is sys.path[0]: its kernels.py would shadow the `kernels` package transformers probes.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "memory.json"
 SHAPE_NAMES = {"1024/128": "long prompt", "19/58": "Alpaca", "161/338": "ShareGPT"}
 CHECK_SHAPE, CHECK_WIDTH, CHECK_MIN_SAVING = "1024/128", 8, 0.75
