@@ -36,7 +36,18 @@ def rows_kv(pool: torch.Tensor, step) -> torch.Tensor:
     return gather_kv(pool, pool.paged_device_step.block_tables, step.seq_len)
 
 
-def paged_attention_forward(
+def paged_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Registered as `ATTENTION_NAME`: models that ran SDPA before the plugin (see `paged_attention`)."""
+    return paged_attention("sdpa", module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def paged_attention_forward_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Registered as `ATTENTION_NAME_EAGER`: models that ran their family's eager attention before the plugin."""
+    return paged_attention("eager", module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def paged_attention(
+    reference: str,
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -50,21 +61,25 @@ def paged_attention_forward(
     or None: only the eager reference returns weights, as stock eager does).
 
     `key` / `value` are a `PagedCache` layer's pools carrying the step's block tables; anything else (no cache,
-    `use_cache=False`, another cache class) is ordinary K/V and goes unchanged to the implementation stock transformers
-    would run for this model (SDPA, or the family's eager attention: see fallback_attention.py).
+    `use_cache=False`, another cache class) is ordinary K/V and goes unchanged to `reference`, the implementation stock
+    transformers would run for this model (SDPA, or the family's eager attention: see fallback_attention.py). The
+    registered name fixes `reference`, so no per-layer config lookup is needed.
     """
     step = getattr(key, "paged_step", None)
     if step is None:
-        return reference_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if needs_reference(module, query, kwargs):  # what only stock's own function reproduces (fallback_attention.py)
+        return reference_attention(reference, module, query, key, value, attention_mask, dropout=dropout,
+                                   scaling=scaling, **kwargs)
+    if needs_reference(reference, query, kwargs):  # what only stock's own function reproduces (fallback_attention.py)
         key, value = (rows_kv(pool, step) for pool in (key, value))
-        return reference_on_rows(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return reference_on_rows(reference, module, query, key, value, attention_mask, dropout=dropout,
+                                 scaling=scaling, **kwargs)
     if key.paged_use_triton and _kernel_can_serve(attention_mask, dropout, kwargs):
         return _triton_forward(query, key, value, attention_mask, step, _scale(module, query, scaling), kwargs), None
     if _can_split_shared_prefix(step, dropout, kwargs):
         return _shared_prefix_forward(module, query, key, value, attention_mask, step, scaling), None
     key, value = (rows_kv(pool, step) for pool in (key, value))
-    return reference_on_rows(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return reference_on_rows(reference, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                             **kwargs)
 
 
 def _kernel_can_serve(attention_mask, dropout: float, kwargs: dict) -> bool:
@@ -131,4 +146,4 @@ def register_attention() -> None:
     """Make `ATTENTION_NAME` known to transformers (idempotent; the functions hold no state)."""
     AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    register_eager_variant(paged_attention_forward)
+    register_eager_variant(paged_attention_forward_eager)

@@ -3,8 +3,8 @@
 `enable_paged_cache` switches a model to one of two registered names, chosen from the implementation the model had:
 `ATTENTION_NAME` ("paged_generate") when it had SDPA (or anything but eager), `ATTENTION_NAME_EAGER`
 ("paged_generate_eager") when it had eager attention (Gemma 2 on transformers >= 5.18, or a model loaded with
-`attn_implementation="eager"`). Both names map to the same attention function and the same boolean mask function;
-`reference_attention` reads the name off `module.config` and runs what stock would have run on the same K/V:
+`attn_implementation="eager"`). Both names map to the same boolean mask function and to one attention function each,
+which passes `reference_attention` the implementation ("sdpa" or "eager") stock would have run on the same K/V:
 
 - SDPA: transformers' `sdpa_attention_forward`, as stock.
 - eager: the model family's own `eager_attention_forward` (softcapping, attention sinks, dropout and the returned
@@ -37,7 +37,6 @@ __all__ = [
     "needs_reference",
     "reference_attention",
     "reference_on_rows",
-    "reference_implementation",
     "register_eager_variant",
     "weights_wanted",
 ]
@@ -55,23 +54,19 @@ def attention_name_for(original_implementation, paged_name: str) -> str:
 
 
 def register_eager_variant(attention_function) -> None:
-    """Register `ATTENTION_NAME_EAGER` with the plugin's attention function and the boolean SDPA mask (idempotent)."""
+    """Register `ATTENTION_NAME_EAGER` with the plugin's eager-reference attention function and the boolean SDPA
+    mask (idempotent)."""
     AttentionInterface.register(ATTENTION_NAME_EAGER, attention_function)
     AttentionMaskInterface.register(ATTENTION_NAME_EAGER, sdpa_mask)
-
-
-def reference_implementation(module) -> str:
-    """"eager" or "sdpa": what stock transformers runs for this attention module."""
-    config = getattr(module, "config", None)
-    return "eager" if getattr(config, "_attn_implementation", None) == ATTENTION_NAME_EAGER else "sdpa"
 
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def needs_reference(module, query: torch.Tensor, kwargs: dict) -> bool:
-    """Whether a paged forward must run the stock implementation on the rows' K/V to give stock's results."""
-    if reference_implementation(module) == "eager":
+def needs_reference(reference: str, query: torch.Tensor, kwargs: dict) -> bool:
+    """Whether a paged forward must run the stock implementation (`reference`: "sdpa" or "eager") on the rows' K/V
+    to give stock's results."""
+    if reference == "eager":
         if weights_wanted.get():  # only eager returns attention weights, and the faster paths compute none
             return True
     elif kwargs.get("softcap") is not None:
@@ -82,7 +77,7 @@ def needs_reference(module, query: torch.Tensor, kwargs: dict) -> bool:
     return query.device.type == "cpu" and query.dtype in _HALF
 
 
-def reference_on_rows(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+def reference_on_rows(reference: str, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """`reference_attention` on every row's K/V [rows, kv_heads, seq_len, head_dim] read from the pool, cut to what
     stock's cache would hand the layer (see the module docstring)."""
     window = stock_cache_window(module)
@@ -93,7 +88,8 @@ def reference_on_rows(module, query, key, value, attention_mask, dropout: float 
             key, value = key[:, :, seq_len - keep :], value[:, :, seq_len - keep :]
             if attention_mask is not None:
                 attention_mask = attention_mask[..., attention_mask.shape[-1] - keep :]
-    return reference_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return reference_attention(reference, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                               **kwargs)
 
 
 _windows: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -118,9 +114,10 @@ def stock_cache_window(module) -> int | None:
     return window
 
 
-def reference_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """Stock attention for `module` on ordinary K/V [rows, kv_heads, seq, head_dim]; `attention_mask` is sdpa_mask's."""
-    if reference_implementation(module) == "sdpa":
+def reference_attention(reference: str, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Stock attention (`reference`: "sdpa" or "eager") for `module` on ordinary K/V [rows, kv_heads, seq, head_dim];
+    `attention_mask` is sdpa_mask's."""
+    if reference == "sdpa":
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
