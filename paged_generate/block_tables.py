@@ -28,8 +28,9 @@ class AppendPlan:
 class BlockTables:
     """One row of block ids per sequence; every row holds `seq_len` tokens (generate() left-pads, so lengths agree).
 
-    `tables` is a dense [num_rows, ceil(seq_len / block_size)] int64 array. Rows share blocks by reference; the
-    allocator's counts always equal the number of table entries pointing at each block.
+    `tables` is a dense [num_rows, ceil(seq_len / block_size)] int64 array, replaced (never edited in place) whenever
+    it changes. Rows share blocks by reference; the allocator's counts always equal the number of table entries
+    pointing at each block.
     """
 
     def __init__(self, allocator: BlockAllocator, num_rows: int = 0):
@@ -64,8 +65,12 @@ class BlockTables:
         if num_new:
             fresh = self.allocator.allocate(self.num_rows * num_new).reshape(self.num_rows, num_new)
             self.tables = np.concatenate([self.tables, fresh], axis=1)
-        positions = np.arange(self.seq_len, self.seq_len + num_tokens)
-        slot_mapping = self.tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
+        if num_tokens == 1:  # decode: one column, no fancy indexing
+            block, offset = divmod(self.seq_len, self.block_size)
+            slot_mapping = self.tables[:, block : block + 1] * self.block_size + offset
+        else:
+            positions = np.arange(self.seq_len, self.seq_len + num_tokens)
+            slot_mapping = self.tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
         self.seq_len += num_tokens
         return AppendPlan(copy_src, copy_dst, slot_mapping)
 
@@ -144,5 +149,6 @@ class BlockTables:
         src = self.tables[rows, -1]
         dst = self.allocator.allocate(len(rows))
         self.allocator.decref(src)
+        self.tables = self.tables.copy()  # replaced, not edited: a step's tables never change under it
         self.tables[rows, -1] = dst
         return src, dst

@@ -123,6 +123,7 @@ class PagedCache(Cache):
         self.allocator = BlockAllocator(block_size=block_size, max_blocks=max_blocks)
         self.tables = BlockTables(self.allocator)
         self._step: PagedStep | None = None
+        self._uploaded_tables: dict = {}  # device -> (tables array, its int32 tensor there)
         self._max_rows = 0
         self._max_seq_len = 0
         self._peak_capacity = 0
@@ -151,7 +152,8 @@ class PagedCache(Cache):
             )
         past_len = self.tables.seq_len
         plan = self.tables.append(query_len)
-        self._step = PagedStep(past_len, query_len, self.block_size, self.tables.tables, plan, self.tables.shared)
+        self._step = PagedStep(past_len, query_len, self.block_size, self.tables.tables, plan, self.tables.shared,
+                               self._uploaded_tables)
         self._note_peaks()
         return self._step
 
@@ -238,6 +240,8 @@ class PagedCache(Cache):
 
 def _tokens_major(states: torch.Tensor) -> torch.Tensor:
     # [num_rows, num_kv_heads, query_len, head_dim] -> [num_rows * query_len, num_kv_heads, head_dim]
+    if states.shape[2] == 1:  # decode: a view, no copy
+        return states[:, :, 0]
     return states.transpose(1, 2).reshape(-1, states.shape[1], states.shape[3])
 
 

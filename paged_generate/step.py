@@ -14,22 +14,46 @@ from .shared_prefix import SharedPrefix
 __all__ = ["DeviceSharedPrefix", "DeviceStep", "PagedStep"]
 
 
-@dataclass(frozen=True)
 class DeviceStep:
     """A step's metadata as tensors on one device (layers of a `device_map` model may sit on several).
 
-    block_tables: int32 [num_rows, num_blocks_per_row]
+    Each field is built on first use, so a path that does not read it (the PyTorch path reading regular rows as views
+    of the pool never needs `block_tables`) does not pay for it.
+
+    block_tables: int32 [num_rows, num_blocks_per_row]; reused across steps while the tables are unchanged
     slot_mapping: int64 [num_rows * query_len], row-major (row 0's new tokens first)
     copy_src, copy_dst: int64 [num_copies]
     seq_lens: int32 [num_rows], tokens per row including this step's
     """
 
-    block_tables: torch.Tensor
-    slot_mapping: torch.Tensor
-    copy_src: torch.Tensor
-    copy_dst: torch.Tensor
-    seq_lens: torch.Tensor
-    _kv_start_by_mask: dict = field(default_factory=dict, repr=False, compare=False)
+    def __init__(self, step: "PagedStep", device: torch.device):
+        self.step, self.device = step, device
+        self._kv_start_by_mask: dict = {}
+
+    @cached_property
+    def block_tables(self) -> torch.Tensor:
+        # The tables array is replaced, never edited, when it changes: identity says whether the upload is current.
+        uploaded = self.step.uploaded_tables
+        cached = uploaded.get(self.device)
+        if cached is None or cached[0] is not self.step.tables:
+            cached = uploaded[self.device] = (self.step.tables, _to(self.step.tables, torch.int32, self.device))
+        return cached[1]
+
+    @cached_property
+    def slot_mapping(self) -> torch.Tensor:
+        return _to(self.step.plan.slot_mapping.reshape(-1), torch.int64, self.device)
+
+    @cached_property
+    def copy_src(self) -> torch.Tensor:
+        return _to(self.step.plan.copy_src, torch.int64, self.device)
+
+    @cached_property
+    def copy_dst(self) -> torch.Tensor:
+        return _to(self.step.plan.copy_dst, torch.int64, self.device)
+
+    @cached_property
+    def seq_lens(self) -> torch.Tensor:
+        return torch.full((self.step.num_rows,), self.step.seq_len, dtype=torch.int32, device=self.device)
 
     def kv_start(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """int32 [num_rows]: first key position each row may see, from transformers' boolean mask
@@ -93,6 +117,7 @@ class PagedStep:
     tables: np.ndarray  # [num_rows, num_blocks_per_row], after this step's allocation
     plan: AppendPlan
     shared: SharedPrefix | None = None
+    uploaded_tables: dict = field(default_factory=dict, repr=False)  # the cache's, kept across steps
     _by_device: dict = field(default_factory=dict, repr=False)
     _shared_by_device: dict = field(default_factory=dict, repr=False)
 
@@ -107,13 +132,7 @@ class PagedStep:
     def on(self, device: torch.device) -> DeviceStep:
         cached = self._by_device.get(device)
         if cached is None:
-            cached = self._by_device[device] = DeviceStep(
-                block_tables=_to(self.tables, torch.int32, device),
-                slot_mapping=_to(self.plan.slot_mapping.reshape(-1), torch.int64, device),
-                copy_src=_to(self.plan.copy_src, torch.int64, device),
-                copy_dst=_to(self.plan.copy_dst, torch.int64, device),
-                seq_lens=torch.full((self.num_rows,), self.seq_len, dtype=torch.int32, device=device),
-            )
+            cached = self._by_device[device] = DeviceStep(self, device)
         return cached
 
     @cached_property
