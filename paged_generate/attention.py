@@ -30,10 +30,18 @@ def rows_kv(pool: torch.Tensor, step) -> torch.Tensor:
     """Every row's K (or V) [num_rows, num_kv_heads, seq_len, head_dim]: a view of the pool when the rows' blocks are
     laid out regularly, else gathered through the block tables."""
     layout = step.row_layout
-    if layout is not None:
-        rows = prefix_view(pool, layout, step.num_rows, step.tables.shape[1])
-        return rows[:, :, : step.seq_len]
-    return gather_kv(pool, pool.paged_device_step.block_tables, step.seq_len)
+    if layout is None:
+        return gather_kv(pool, pool.paged_device_step.block_tables, step.seq_len)
+    # The view over every block the rows can reach is kept on the pool: a decode step then only slices it.
+    key = (layout, step.num_rows)
+    cached = getattr(pool, "paged_rows_view", None)
+    if cached is None or cached[0] != key or cached[1].shape[2] < step.seq_len:
+        first, stride = layout
+        # A lone row may run to the end of the pool; rows side by side (stride 0: all share, else disjoint runs)
+        # reach their own run only.
+        reach = pool.shape[0] - first if step.num_rows == 1 else max(stride, step.tables.shape[1])
+        cached = pool.paged_rows_view = (key, prefix_view(pool, layout, step.num_rows, reach))
+    return cached[1][:, :, : step.seq_len]
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

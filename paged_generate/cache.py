@@ -52,10 +52,11 @@ class PagedLayer(CacheLayerMixin):
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        step = self.cache.step_for(self, num_rows=key_states.shape[0], query_len=key_states.shape[-2])
-        self._fit_pool(self.cache.allocator.capacity)
+        step = self.cache.step_for(self, key_states.shape[0], key_states.shape[-2])
+        if self.keys.shape[0] < self.cache.allocator.capacity:
+            self._grow_pools(self.cache.allocator.capacity)
         device_step = step.on(self.device)
-        if device_step.copy_src.numel():
+        if step.plan.copy_src.size:
             copy_blocks(self.keys, self.values, device_step.copy_src, device_step.copy_dst, use_triton=self.use_triton)
         write_kv(_tokens_major(key_states), _tokens_major(value_states), self.keys, self.values,
                  device_step.slot_mapping, use_triton=self.use_triton)
@@ -64,11 +65,8 @@ class PagedLayer(CacheLayerMixin):
             pool.paged_step, pool.paged_device_step, pool.paged_use_triton = step, device_step, self.use_triton
         return self.keys, self.values
 
-    def _fit_pool(self, capacity: int) -> None:
+    def _grow_pools(self, capacity: int) -> None:
         """Grow this layer's pools to the allocator's capacity; one layer at a time, so the peak stays low."""
-        old = self.keys.shape[0]
-        if old >= capacity:
-            return
         self.keys = _grown(self.keys, capacity)
         self.values = _grown(self.values, capacity)
 
@@ -130,7 +128,7 @@ class PagedCache(Cache):
         self.prefill_rows: int | None = None
         super().__init__(layers=[PagedLayer(self) for _ in range(num_layers)])
 
-    def step_for(self, layer: PagedLayer, *, num_rows: int, query_len: int) -> PagedStep:
+    def step_for(self, layer: PagedLayer, num_rows: int, query_len: int) -> PagedStep:
         """The current forward's step; planned (blocks allocated, copies decided) by its first layer to ask."""
         if layer.num_written == self.tables.seq_len:
             return self._plan(num_rows, query_len)
