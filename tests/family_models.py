@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 import transformers
 
+import tiny_models
+
 VOCAB = 96
 HIDDEN = 64
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -190,12 +192,5 @@ REFUSED = [family for family in FAMILIES if not family.supported]
 
 
 def left_padded_prompts(lengths=(37, 21), seed: int = 0, vocab: int = VOCAB):
-    """input_ids [len(lengths), max(lengths)] left-padded with 0, and the matching attention mask."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        input_ids[row, width - length :] = torch.randint(3, vocab, (length,), generator=generator)
-        attention_mask[row, width - length :] = 1
-    return input_ids, attention_mask
+    """Prompts spanning more than one 16-token block (see tiny_models.left_padded_prompts)."""
+    return tiny_models.left_padded_prompts(lengths, seed=seed, vocab=vocab)

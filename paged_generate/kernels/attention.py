@@ -12,8 +12,8 @@ import torch
 
 from ._triton import check_launchable, kernel_is_interpreted, multiprocessor_count, next_power_of_2, tl, triton
 from .bf16 import round_to_bf16
-from .softcap import tanh
 from .split_reduce import split_reduce
+from .tiles import attend_tiles, split_tiles
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -64,7 +64,6 @@ def _paged_attention_kernel(
     EMULATE_BF16: tl.constexpr,  # interpreting bf16: see bf16.py
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else None (backend default)
 ):
-    LOG2E: tl.constexpr = 1.4426950408889634
     pid_rq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -100,68 +99,26 @@ def _paged_attention_kernel(
     if EMULATE_BF16:
         q = q.to(tl.float32)
 
-    # Keys any query of this tile can see: [k_begin, k_end). Tiles outside are never visited.
+    # Keys any query of this tile can see: [k_begin, k_end). Tiles outside are never visited; slots before kv_start
+    # may never have been written (NaN garbage, even -1 blocks), so they are masked at the load.
     first_q_pos = seq_len - query_len + q_block * BLOCK_Q
     last_q_pos = tl.minimum(first_q_pos + BLOCK_Q - 1, seq_len - 1)
     k_end = tl.maximum(last_q_pos + 1, 0)
     k_begin = kv_lo
     if SLIDING_WINDOW:
         k_begin = tl.maximum(k_begin, first_q_pos - sliding_window + 1)
-    tile_begin = k_begin // TILE_N
-    tile_end = tl.cdiv(k_end, TILE_N)
-    tiles_per_split = tl.cdiv(tl.maximum(tile_end - tile_begin, 0), num_splits)
-    my_begin = tile_begin + split * tiles_per_split
-    my_end = tl.minimum(my_begin + tiles_per_split, tile_end)
+    my_begin, my_end = split_tiles(k_begin, k_end, split, num_splits, TILE_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    offs_n = tl.arange(0, TILE_N)
-    block_table_row = block_tables_ptr + row64 * stride_bt_row
-    head_offset = kv_head.to(tl.int64) * stride_c_head
-    for tile in range(my_begin, my_end):
-        k_pos = tile * TILE_N + offs_n
-        # Slots before kv_start may never have been written (NaN garbage, even -1 blocks) and
-        # 0 * NaN poisons P @ V, so they are masked at the load, not only in the scores.
-        kv_valid = (k_pos >= kv_lo) & (k_pos < k_end)
-        if TILE_N <= BLOCK_SIZE:
-            # The tile lies inside one block: one block-table lookup and contiguous slots.
-            block_id = tl.load(block_table_row + (tile * TILE_N) // BLOCK_SIZE).to(tl.int64)
-            slot_offsets = block_id * stride_c_block + (k_pos % BLOCK_SIZE).to(tl.int64) * stride_c_slot
-        else:
-            block_ids = tl.load(block_table_row + k_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
-            slot_offsets = block_ids * stride_c_block + (k_pos % BLOCK_SIZE).to(tl.int64) * stride_c_slot
-        kv_offsets = slot_offsets[:, None] + head_offset + offs_d[None, :]
-        kv_mask = kv_valid[:, None] & d_valid[None, :]
-        k = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [TILE_N, HEAD_DIM_PAD]
-        v = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [TILE_N, HEAD_DIM_PAD]
-        if EMULATE_BF16:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if USE_SOFTCAP:
-            s = (softcap * LOG2E) * tanh(s * (scale / softcap))
-        else:
-            s = s * (scale * LOG2E)
-
-        visible = m_valid[:, None] & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= kv_lo)
-        if SLIDING_WINDOW:
-            visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        # P is rounded to the cache dtype for the tensor-core dot, as flash-attention does.
-        if EMULATE_BF16:
-            acc += tl.dot(round_to_bf16(p), v.to(tl.float32), input_precision=DOT_PRECISION)
-        else:
-            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = attend_tiles(
+        q, m_i, l_i, acc, q_pos, tl.full([BLOCK_M], kv_lo, tl.int32), m_valid,
+        key_cache_ptr, value_cache_ptr, block_tables_ptr + row64 * stride_bt_row, 0,
+        kv_lo, k_end, my_begin, my_end, kv_head.to(tl.int64) * stride_c_head, stride_c_block, stride_c_slot,
+        scale, softcap, sliding_window,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION,
+    )  # fmt: skip
 
     # Flat (row, query token, q head) index: the layout of out and of the partials.
     out_index = (row64 * query_len + q_idx) * num_q_heads + q_head
