@@ -12,7 +12,6 @@ then decided by clear margins, not float noise.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import transformers
