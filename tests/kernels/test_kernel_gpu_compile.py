@@ -8,25 +8,12 @@ a subprocess because this process decorates the kernels for the interpreter.
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_NO_AOT_API = 77
+from sm90_compile import run_compile_script, sm90_target_and_ptxas
 
 
 def test_kernels_compile_for_sm90(tmp_path):
-    triton = pytest.importorskip("triton")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia").is_dir():
-        pytest.skip("this Triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(_REPO_ROOT))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode == _NO_AOT_API:
-        pytest.skip("this Triton version lacks the ahead-of-time compile API used here: " + proc.stderr[-300:])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_compile_script(__file__, tmp_path)
 
 
 def _compile_all():
@@ -36,21 +23,14 @@ def _compile_all():
     import torch
     import triton
 
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as exc:
-        print(exc, file=sys.stderr)
-        sys.exit(_NO_AOT_API)
+    target, ptxas = sm90_target_and_ptxas()
+    from triton.compiler import ASTSource
 
     from paged_generate.kernels.attention import _paged_attention_kernel, kernel_meta
     from paged_generate.kernels.block_copy import _copy_blocks_kernel
     from paged_generate.kernels.cache_write import _write_kv_kernel
     from paged_generate.kernels.split_reduce import _split_reduce_kernel
 
-    target = GPUTarget("cuda", 90, 32)
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    ptxas = next((p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists()), None)
     ttype = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
     def compile_kernel(kernel, pointers, meta, floats=()):

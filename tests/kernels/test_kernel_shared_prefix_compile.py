@@ -8,25 +8,12 @@ decorates the kernels for the interpreter.
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_NO_AOT_API = 77
+from sm90_compile import run_compile_script, sm90_target_and_ptxas
 
 
 def test_shared_prefix_kernels_compile_for_sm90(tmp_path):
-    triton = pytest.importorskip("triton")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia").is_dir():
-        pytest.skip("this Triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(_REPO_ROOT))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode == _NO_AOT_API:
-        pytest.skip("this Triton version lacks the ahead-of-time compile API used here: " + proc.stderr[-300:])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_compile_script(__file__, tmp_path)
 
 
 _UNIT_STRIDES = ("stride_q_dim",)
@@ -73,20 +60,11 @@ def _compile(kernel, pointers, meta, floats, target, ptxas):
 
 def _compile_all():
     import torch
-    import triton
 
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as exc:
-        print(exc, file=sys.stderr)
-        sys.exit(_NO_AOT_API)
+    target, ptxas = sm90_target_and_ptxas()
 
     from paged_generate.kernels.shared_prefix import _prefix_kernel, _suffix_kernel, prefix_meta, suffix_meta
 
-    target = GPUTarget("cuda", 90, 32)
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    ptxas = next((p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists()), None)
     ttype = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     floats = ("scale", "softcap")
     cases = [
