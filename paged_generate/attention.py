@@ -6,13 +6,20 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .fallback_attention import needs_reference, reference_attention, reference_on_rows, register_eager_variant
+from .fallback_attention import (
+    ATTENTION_NAME_EAGER,
+    needs_reference,
+    reference_attention,
+    reference_on_rows,
+    register_eager_variant,
+)
 from .shared_prefix import prefix_view, shared_prefix_attention
 
 __all__ = ["ATTENTION_NAME", "gather_kv", "paged_attention_forward", "register_attention", "rows_kv"]
 
 # No "sdpa" / "flash" in the name: transformers treats names containing those specially.
 ATTENTION_NAME = "paged_generate"
+ATTENTION_NAMES = (ATTENTION_NAME, ATTENTION_NAME_EAGER)
 
 
 def gather_kv(pool: torch.Tensor, block_tables: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -37,6 +37,7 @@ class PagedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: [num_rows, num_kv_heads, query_len, head_dim]
         _, num_kv_heads, _, head_dim = key_states.shape
+        self.cache.check_model_enabled()
         self.device, self.dtype = key_states.device, key_states.dtype
         self.use_triton = uses_triton(self.cache.backend, self.device, self.cache.block_size)
         self.bytes_per_token = 2 * num_kv_heads * head_dim * key_states.element_size()
@@ -112,8 +113,25 @@ class PagedCache(Cache):
 
     @classmethod
     def from_model(cls, model, **kwargs) -> "PagedCache":
-        """A cache with one layer per decoder layer of `model`; kwargs as for the constructor."""
-        return cls(num_layers=model.config.get_text_config(decoder=True).num_hidden_layers, **kwargs)
+        """A cache with one layer per decoder layer of `model`; kwargs as for the constructor.
+
+        The cache remembers the model's config, so that its first update can refuse a model whose attention would
+        not read the block pools (one not enabled with `enable_paged_cache`).
+        """
+        text_config = model.config.get_text_config(decoder=True)
+        cache = cls(num_layers=text_config.num_hidden_layers, **kwargs)
+        cache.model_config = text_config
+        return cache
+
+    def check_model_enabled(self) -> None:
+        from .attention import ATTENTION_NAMES
+
+        config = getattr(self, "model_config", None)
+        if config is not None and config._attn_implementation not in ATTENTION_NAMES:
+            raise ValueError(
+                f"PagedCache: the model runs {config._attn_implementation!r} attention, which cannot read the cache's "
+                f"block pools. Call `enable_paged_cache(model)` before generating with a PagedCache."
+            )
 
     def __init__(self, *, num_layers: int, block_size: int = 16, max_blocks: int | None = None, backend: str = "auto"):
         self.block_size = block_size

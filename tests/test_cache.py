@@ -99,6 +99,21 @@ def test_user_cache_is_respected(model):
         disable_paged_cache(model)
 
 
+def test_paged_cache_on_a_model_not_enabled_is_refused_clearly(model):
+    disable_paged_cache(model)
+    cache = PagedCache.from_model(model)
+    with pytest.raises(ValueError, match="enable_paged_cache"):
+        model.generate(torch.randint(3, 90, (1, 8)), max_new_tokens=2, pad_token_id=0, **{CACHE_KWARG: cache})
+    assert cache.allocator.num_used == 0
+    enable_paged_cache(model)
+    try:
+        out = model.generate(torch.randint(3, 90, (1, 8)), max_new_tokens=2, pad_token_id=0,
+                             **{CACHE_KWARG: PagedCache.from_model(model)})
+        assert out.shape == (1, 10)
+    finally:
+        disable_paged_cache(model)
+
+
 def test_use_cache_false_stays_stock(model):
     input_ids = torch.randint(3, 90, (2, 8))
     stock, paged, _ = generate_both(model, input_ids=input_ids, max_new_tokens=6, pad_token_id=0)
