@@ -38,3 +38,21 @@ def device() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("TRITON_INTERPRET=0 but no CUDA device")
     return torch.device("cuda")
+
+
+LARGE_POOL_BLOCK_SIZE, LARGE_POOL_HEAD_DIM = 16, 64
+
+
+@pytest.fixture()
+def large_pools(device):
+    """K and V pools [num_blocks, 16, 1, 64] fp16 of more than 2**31 elements each, to test int64 offsets.
+
+    torch.empty only reserves address space: the few blocks a test writes and reads are the only pages ever touched,
+    so this costs about 1 MB of RAM despite 2 x 4 GiB of caches.
+    """
+    if device.type == "cuda":
+        pytest.skip("would really allocate 8 GiB on the GPU")
+    num_blocks = 2**31 // (LARGE_POOL_BLOCK_SIZE * LARGE_POOL_HEAD_DIM) + 64
+    key_cache = torch.empty(num_blocks, LARGE_POOL_BLOCK_SIZE, 1, LARGE_POOL_HEAD_DIM, dtype=torch.float16)
+    assert key_cache.numel() > 2**31
+    return key_cache, torch.empty_like(key_cache)

@@ -308,14 +308,10 @@ def test_full_block_tables():
     assert tables.tolist() == [[5, 6, 1], [7, 3, 4]]
 
 
-def test_int64_offsets_large_pool(device):
-    """Blocks at the top of a pool with more than 2**31 elements per cache (torch.empty only reserves the pages)."""
-    if device.type == "cuda":
-        pytest.skip("would really allocate 8 GiB on the GPU")
-    block_size, head_dim = 16, 64
-    num_blocks = 2**31 // (block_size * head_dim) + 64
-    key_cache = torch.empty(num_blocks, block_size, 1, head_dim, dtype=torch.float16)
-    value_cache = torch.empty_like(key_cache)
+def test_int64_offsets_large_pool(device, large_pools):
+    """Blocks at the top of a pool with more than 2**31 elements per cache."""
+    key_cache, value_cache = large_pools
+    num_blocks, block_size, _, head_dim = key_cache.shape
     top = torch.arange(num_blocks - 6, num_blocks)
     key_cache[top] = torch.randn(6, block_size, 1, head_dim).half()
     value_cache[top] = torch.randn(6, block_size, 1, head_dim).half()

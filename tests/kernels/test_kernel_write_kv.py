@@ -65,14 +65,10 @@ def test_write_kv_rejects_bad_inputs(device):
         write_kv(kv, kv, key_cache[..., :32], value_cache[..., :32], slots)
 
 
-def test_write_kv_int64_offsets_large_pool(device):
+def test_write_kv_int64_offsets_large_pool(device, large_pools):
     """Slots past 2**31 elements: only the touched pages of the 4 GiB pools are ever allocated."""
-    if device.type == "cuda":
-        pytest.skip("would really allocate 8 GiB on the GPU")
-    block_size, head_dim = 16, 64
-    num_blocks = 2**31 // (block_size * head_dim) + 64
-    key_cache = torch.empty(num_blocks, block_size, 1, head_dim, dtype=torch.float16)
-    value_cache = torch.empty_like(key_cache)
+    key_cache, value_cache = large_pools
+    num_blocks, block_size, _, head_dim = key_cache.shape
     slots = torch.tensor([num_blocks * block_size - 1, (num_blocks - 40) * block_size + 3, -1])
     key, value = torch.randn(3, 1, head_dim).half(), torch.randn(3, 1, head_dim).half()
     write_kv(key, value, key_cache, value_cache, slots)
