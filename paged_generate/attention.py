@@ -43,11 +43,7 @@ def rows_kv(pool: torch.Tensor, step) -> torch.Tensor:
     key = (layout, step.num_rows)
     cached = getattr(pool, "paged_rows_view", None)
     if cached is None or cached[0] != key or cached[1].shape[2] < step.seq_len:
-        first, stride = layout
-        # A lone row may run to the end of the pool; rows side by side (stride 0: all share, else disjoint runs)
-        # reach their own run only.
-        reach = pool.shape[0] - first if step.num_rows == 1 else max(stride, step.tables.shape[1])
-        cached = pool.paged_rows_view = (key, prefix_view(pool, layout, step.num_rows, reach))
+        cached = pool.paged_rows_view = (key, step.rows_view(pool))
     return cached[1][:, :, : step.seq_len]
 
 
@@ -111,7 +107,7 @@ def _triton_forward(query, key_pool, value_pool, attention_mask, step, scale: fl
         scale=scale, kv_start=device_step.kv_start(attention_mask), sliding_window=kwargs.get("sliding_window"),
         softcap=kwargs.get("softcap"),
     )
-    if _shares_prefix(step):
+    if step.shares_prefix:
         groups = step.shared_on(key_pool.device).kernel_args(step.block_size)
         return kernels.shared_prefix_paged_attention(
             query, key_pool, value_pool, seq_lens=device_step.seq_lens, **groups, **features
@@ -124,15 +120,9 @@ def _scale(module, query, scaling) -> float:
     return scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
 
 
-def _shares_prefix(step) -> bool:
-    """A decode step whose rows come in groups holding the same leading blocks (beams or samples of a prompt)."""
-    shared = step.shared
-    return shared is not None and shared.group_size > 1 and shared.num_blocks > 0 and step.query_len == 1
-
-
 def _can_split_shared_prefix(step, dropout: float, kwargs: dict) -> bool:
     # The PyTorch split has no softcap / sinks / dropout: those take the unsplit path.
-    return _shares_prefix(step) and not dropout and not kwargs.get("softcap") and kwargs.get("s_aux") is None
+    return step.shares_prefix and not dropout and not kwargs.get("softcap") and kwargs.get("s_aux") is None
 
 
 def _shared_prefix_forward(module, query, key_pool, value_pool, attention_mask, step, scaling) -> torch.Tensor:

@@ -8,6 +8,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .allocator import BlockAllocator
 from .backend import uses_triton
+from .fallback_attention import stock_cache_windows
 from .block_tables import BlockTables
 from .kv_ops import copy_blocks, write_kv
 from .stats import CacheStats
@@ -33,38 +34,71 @@ class PagedLayer(CacheLayerMixin):
         self.num_written = 0  # tokens per row this layer has stored; lags the cache's length mid-forward
         self.bytes_per_token = 0
         self.use_triton = False
+        # The sliding window stock's cache keeps for this layer (None: the whole history). `from_model` reads it from
+        # the config; 0 (unknown) sends every step down the path that cuts the rows per attention module.
+        self.window: int | None = 0
+        self._rows_views: tuple | None = None  # (pool, rows' layout, K view, V view): see `_rows_in_place`
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: [num_rows, num_kv_heads, query_len, head_dim]
         _, num_kv_heads, _, head_dim = key_states.shape
-        self.cache.check_model_enabled()
         self.device, self.dtype = key_states.device, key_states.dtype
         self.use_triton = uses_triton(self.cache.backend, self.device, self.cache.block_size)
         self.bytes_per_token = 2 * num_kv_heads * head_dim * key_states.element_size()
-        shape = (0, self.cache.block_size, num_kv_heads, head_dim)
+        # Zeros, not empty: see `_grown`.
+        shape = (self.cache.allocator.capacity, self.cache.block_size, num_kv_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=value_states.dtype, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write `[num_rows, num_kv_heads, query_len, head_dim]` new K/V through the slot mapping; return the pools.
+        """Store `[num_rows, num_kv_heads, query_len, head_dim]` new K/V in the pools; return what attention reads.
 
-        The returned pools carry the step's metadata (`paged_step`, `paged_device_step`) for the attention function.
+        That is every row's K/V `[num_rows, num_kv_heads, seq_len, head_dim]` as views of the pools where the rows can
+        be read in place (`_rows_in_place`), else the pools themselves, carrying the step's metadata (`paged_step`,
+        `paged_device_step`) for the attention function.
         """
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         step = self.cache.step_for(self, key_states.shape[0], key_states.shape[-2])
+        if not self.is_initialized:  # after the step: the pools start at the size its blocks need
+            self.lazy_initialization(key_states, value_states)
         if self.keys.shape[0] < self.cache.allocator.capacity:
             self._grow_pools(self.cache.allocator.capacity)
-        device_step = step.on(self.device)
         if step.plan.copy_src.size:
+            device_step = step.on(self.device)
             copy_blocks(self.keys, self.values, device_step.copy_src, device_step.copy_dst, use_triton=self.use_triton)
+        self.num_written = step.seq_len
+        views = self._rows_in_place(step)
+        if views is not None:
+            keys, values = views
+            past_len, seq_len = step.past_len, step.seq_len
+            keys[:, :, past_len:seq_len].copy_(key_states)
+            values[:, :, past_len:seq_len].copy_(value_states)
+            return keys[:, :, :seq_len], values[:, :, :seq_len]
+        device_step = step.on(self.device)
         write_kv(_tokens_major(key_states), _tokens_major(value_states), self.keys, self.values,
                  device_step.slot_mapping, use_triton=self.use_triton)
-        self.num_written = step.seq_len
         for pool in (self.keys, self.values):
             pool.paged_step, pool.paged_device_step, pool.paged_use_triton = step, device_step, self.use_triton
         return self.keys, self.values
+
+    def _rows_in_place(self, step: PagedStep) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every row's K and V as strided views of the pools [num_rows, num_kv_heads, >= seq_len, head_dim], when the
+        stock attention function can take them as they are; else None, and attention gets the pools and the step.
+
+        That is the PyTorch backend with rows laid out regularly (`PagedStep.row_layout`), no shared prefix to split
+        and no sliding-window cut to make (`reference_on_rows`): attention then has no paged work left, so this
+        layer hands it plain K/V and the forward runs stock's attention without any per-layer glue.
+        """
+        if self.use_triton or step.regular_rows is None:
+            return None
+        if self.window is not None and step.past_len >= self.window:
+            return None
+        cached = self._rows_views
+        if (cached is None or cached[0] is not self.keys or cached[1] != step.regular_rows
+                or cached[2].shape[2] < step.seq_len):
+            cached = self._rows_views = (self.keys, step.regular_rows, step.rows_view(self.keys),
+                                         step.rows_view(self.values))
+        return cached[2], cached[3]
 
     def _grow_pools(self, capacity: int) -> None:
         """Grow this layer's pools to the allocator's capacity; one layer at a time, so the peak stays low."""
@@ -82,6 +116,7 @@ class PagedLayer(CacheLayerMixin):
 
     def release(self) -> None:
         self.keys = self.values = None
+        self._rows_views = None
         self.is_initialized = False
         self.num_written = 0
 
@@ -121,12 +156,14 @@ class PagedCache(Cache):
         text_config = model.config.get_text_config(decoder=True)
         cache = cls(num_layers=text_config.num_hidden_layers, **kwargs)
         cache.model_config = text_config
+        for layer, window in zip(cache.layers, stock_cache_windows(text_config)):
+            layer.window = window
         return cache
 
     def check_model_enabled(self) -> None:
         from .attention import ATTENTION_NAMES
 
-        config = getattr(self, "model_config", None)
+        config = self.model_config
         if config is not None and config._attn_implementation not in ATTENTION_NAMES:
             raise ValueError(
                 f"PagedCache: the model runs {config._attn_implementation!r} attention, which cannot read the cache's "
@@ -136,10 +173,11 @@ class PagedCache(Cache):
     def __init__(self, *, num_layers: int, block_size: int = 16, max_blocks: int | None = None, backend: str = "auto"):
         self.block_size = block_size
         self.backend = backend
+        self.model_config = None  # set by `from_model`
         self.allocator = BlockAllocator(block_size=block_size, max_blocks=max_blocks)
         self.tables = BlockTables(self.allocator)
         self._step: PagedStep | None = None
-        self._uploaded_tables: dict = {}  # device -> (tables array, its int32 tensor there)
+        self._tables_memo: dict = {}  # what steps derive from the tables array: uploads, layout (see PagedStep.memo)
         self._max_rows = 0
         self._max_seq_len = 0
         self._peak_capacity = 0
@@ -158,9 +196,11 @@ class PagedCache(Cache):
         return self._step
 
     def _plan(self, num_rows: int, query_len: int) -> PagedStep:
-        if self.tables.seq_len == 0 and self.tables.num_rows != num_rows:
-            self.tables.free()
-            self.tables = BlockTables(self.allocator, num_rows=num_rows)
+        if self.tables.seq_len == 0:  # a call's first forward
+            self.check_model_enabled()
+            if self.tables.num_rows != num_rows:
+                self.tables.free()
+                self.tables = BlockTables(self.allocator, num_rows=num_rows)
         if num_rows != self.tables.num_rows:
             raise ValueError(
                 f"PagedCache holds {self.tables.num_rows} rows but the forward has {num_rows}; reorder or select rows "
@@ -169,7 +209,7 @@ class PagedCache(Cache):
         past_len = self.tables.seq_len
         plan = self.tables.append(query_len)
         self._step = PagedStep(past_len, query_len, self.block_size, self.tables.tables, plan, self.tables.shared,
-                               self._uploaded_tables)
+                               self._tables_memo)
         self._note_peaks()
         return self._step
 

@@ -38,6 +38,7 @@ __all__ = [
     "reference_attention",
     "reference_on_rows",
     "register_eager_variant",
+    "stock_cache_windows",
     "weights_wanted",
 ]
 
@@ -105,13 +106,21 @@ def stock_cache_window(module) -> int | None:
     window = None
     config, layer_idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
     if config is not None and isinstance(layer_idx, int):
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        if layer_idx < len(layer_types) and layer_types[layer_idx] == "sliding_attention":
-            # transformers >= 5.18 gives kwargs per layer, earlier releases one dict for all layers
-            kwargs = layer_kwargs[layer_idx] if isinstance(layer_kwargs, list) else layer_kwargs
-            window = kwargs.get("sliding_window")
+        windows = stock_cache_windows(config)
+        window = windows[layer_idx] if layer_idx < len(windows) else None
     _windows[module] = window
     return window
+
+
+def stock_cache_windows(config) -> list[int | None]:
+    """Per decoder layer of `config`: the window stock's `DynamicCache` keeps for it (None: the whole history)."""
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    windows = []
+    for layer_idx, layer_type in enumerate(layer_types):
+        # transformers >= 5.18 gives kwargs per layer, earlier releases one dict for all layers
+        kwargs = layer_kwargs[layer_idx] if isinstance(layer_kwargs, list) else layer_kwargs
+        windows.append(kwargs.get("sliding_window") if layer_type == "sliding_attention" else None)
+    return windows
 
 
 def reference_attention(reference: str, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .block_tables import AppendPlan
-from .shared_prefix import SharedPrefix
+from .shared_prefix import SharedPrefix, prefix_view
 
 __all__ = ["DeviceSharedPrefix", "DeviceStep", "PagedStep"]
 
@@ -33,11 +33,7 @@ class DeviceStep:
     @cached_property
     def block_tables(self) -> torch.Tensor:
         # The tables array is replaced, never edited, when it changes: identity says whether the upload is current.
-        uploaded = self.step.uploaded_tables
-        cached = uploaded.get(self.device)
-        if cached is None or cached[0] is not self.step.tables:
-            cached = uploaded[self.device] = (self.step.tables, _to(self.step.tables, torch.int32, self.device))
-        return cached[1]
+        return self.step.memo(self.device, lambda tables: _to(tables, torch.int32, self.device))
 
     @cached_property
     def slot_mapping(self) -> torch.Tensor:
@@ -117,7 +113,7 @@ class PagedStep:
     tables: np.ndarray  # [num_rows, num_blocks_per_row], after this step's allocation
     plan: AppendPlan
     shared: SharedPrefix | None = None
-    uploaded_tables: dict = field(default_factory=dict, repr=False)  # the cache's, kept across steps
+    tables_memo: dict = field(default_factory=dict, repr=False)  # the cache's, kept across steps
     _by_device: dict = field(default_factory=dict, repr=False)
     _shared_by_device: dict = field(default_factory=dict, repr=False)
 
@@ -135,11 +131,40 @@ class PagedStep:
             cached = self._by_device[device] = DeviceStep(self, device)
         return cached
 
+    def memo(self, key, derive):
+        """`derive(tables)`, computed once per tables array: decode steps between new blocks keep the same array (it
+        is replaced, never edited, when it changes), so their block tables are uploaded and inspected only once."""
+        cached = self.tables_memo.get(key)
+        if cached is None or cached[0] is not self.tables:
+            cached = self.tables_memo[key] = (self.tables, derive(self.tables))
+        return cached[1]
+
     @cached_property
     def row_layout(self) -> tuple[int, int] | None:
         """(first, stride) when row r's blocks are first + r * stride + [0, 1, ...]: rows are then strided views of
         the pool and attention can read them in place (a fresh pool hands a lone row consecutive blocks)."""
-        return _regular_layout(self.tables) if self.tables.size else None
+        return self.memo("row_layout", lambda tables: _regular_layout(tables) if tables.size else None)
+
+    @cached_property
+    def regular_rows(self) -> tuple[tuple[int, int], int] | None:
+        """(row_layout, num_rows) when every row can be read as a view of the pool and no shared prefix is to be
+        split off; else None."""
+        layout = self.row_layout
+        return None if layout is None or self.shares_prefix else (layout, self.num_rows)
+
+    @property
+    def shares_prefix(self) -> bool:
+        """A decode step whose rows come in groups holding the same leading blocks (beams or samples of a prompt)."""
+        shared = self.shared
+        return shared is not None and shared.group_size > 1 and shared.num_blocks > 0 and self.query_len == 1
+
+    def rows_view(self, pool: torch.Tensor) -> torch.Tensor:
+        """Every row's K (or V) as a strided view of `pool` [num_rows, num_kv_heads, reach, head_dim], `reach` >=
+        `seq_len` tokens; only for a `row_layout`. A lone row reaches to the end of the pool (later steps slice the
+        same view); rows side by side (stride 0: all share, else disjoint runs) reach their own run only."""
+        first, stride = self.row_layout
+        reach = pool.shape[0] - first if self.num_rows == 1 else max(stride, self.tables.shape[1])
+        return prefix_view(pool, self.row_layout, self.num_rows, reach)
 
     def shared_on(self, device: torch.device) -> DeviceSharedPrefix:
         cached = self._shared_by_device.get(device)

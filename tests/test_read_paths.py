@@ -1,0 +1,123 @@
+"""How attention reads the rows' K/V on the PyTorch path: in place while the rows' blocks are laid out regularly,
+gathered through the block tables otherwise; the tokens are stock's either way."""
+
+import numpy as np
+import pytest
+import torch
+
+import paged_generate.attention as attention_module
+import paged_generate.fallback_attention as fallback_module
+from paged_generate import PagedCache, disable_paged_cache, enable_paged_cache
+from paged_generate.patches.compat import CACHE_KWARG
+from tiny_models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def keys_seen(monkeypatch):
+    """The K tensors handed to the plugin's attention function ("entry") and, from there, to stock's ("stock").
+    Both functions take (reference, module, query, key, ...)."""
+    seen = {"entry": [], "stock": []}
+    for module, name, label in ((attention_module, "paged_attention", "entry"),
+                                (attention_module, "reference_attention", "stock"),
+                                (fallback_module, "reference_attention", "stock")):
+        monkeypatch.setattr(module, name, _recording(getattr(module, name), seen[label]))
+    return seen
+
+
+def _recording(function, keys: list):
+    def recorded(reference, module, query, key, *args, **kwargs):
+        keys.append(key)
+        return function(reference, module, query, key, *args, **kwargs)
+
+    return recorded
+
+
+def _generate_with(model, cache, input_ids, **kwargs):
+    enable_paged_cache(model)
+    try:
+        return model.generate(input_ids, pad_token_id=0, **kwargs, **{CACHE_KWARG: cache})
+    finally:
+        disable_paged_cache(model)
+
+
+def _stock(model, input_ids, **kwargs):
+    disable_paged_cache(model)
+    return model.generate(input_ids, pad_token_id=0, **kwargs)
+
+
+def _reads_pool(key: torch.Tensor, cache: PagedCache) -> bool:
+    pools = {layer.keys.untyped_storage().data_ptr() for layer in cache.layers}
+    return key.untyped_storage().data_ptr() in pools
+
+
+def _keep_pools(cache: PagedCache) -> None:
+    # Pools sized up front never grow (a grown pool is a new tensor), and generate() releases them at the end of a
+    # call unless told otherwise: the test can then compare storages.
+    cache.allocator.grow(32)
+    cache.release = cache.stats
+
+
+def test_a_lone_row_reaches_attention_as_views_of_the_pool(model, keys_seen):
+    input_ids = torch.randint(3, 90, (1, 40), generator=torch.Generator().manual_seed(0))
+    cache = PagedCache.from_model(model)
+    _keep_pools(cache)
+    paged = _generate_with(model, cache, input_ids, max_new_tokens=30, min_new_tokens=30)
+    assert torch.equal(paged, _stock(model, input_ids, max_new_tokens=30, min_new_tokens=30))
+    # The layer hands attention each row's K as a view of its pool: no gather, no block tables to read.
+    assert len(keys_seen["entry"]) == 30 * model.config.num_hidden_layers
+    for key in keys_seen["entry"]:
+        assert _reads_pool(key, cache) and key.shape[0] == 1 and not hasattr(key, "paged_step")
+
+
+def test_scattered_blocks_are_gathered_and_give_stock_tokens(model, keys_seen):
+    cache = PagedCache.from_model(model)
+    _keep_pools(cache)
+    # Hand out and free every block one by one in a shuffled order: the free list then gives a row scattered blocks.
+    for block in np.random.default_rng(0).permutation(cache.allocator.allocate(32)):
+        cache.allocator.decref(np.array([block]))
+    input_ids = torch.randint(3, 90, (1, 40), generator=torch.Generator().manual_seed(1))
+    paged = _generate_with(model, cache, input_ids, max_new_tokens=30, min_new_tokens=30)
+    assert torch.equal(paged, _stock(model, input_ids, max_new_tokens=30, min_new_tokens=30))
+    assert cache.tables.tables.shape == (1, 5) and cache.tables.tables.tolist() != [[0, 1, 2, 3, 4]]
+    # Attention gets the pools with the step and hands stock's function K gathered through the tables.
+    assert all(hasattr(key, "paged_step") for key in keys_seen["entry"])
+    assert keys_seen["stock"] and not any(_reads_pool(key, cache) for key in keys_seen["stock"])
+
+
+def test_regular_rows_side_by_side_are_read_in_place(model, keys_seen):
+    # Three prompts (no beams, nothing shared): each row gets its own consecutive run of a fresh pool.
+    input_ids = torch.randint(3, 90, (3, 20), generator=torch.Generator().manual_seed(2))
+    cache = PagedCache.from_model(model)
+    _keep_pools(cache)
+    paged = _generate_with(model, cache, input_ids, max_new_tokens=10, min_new_tokens=10)
+    assert torch.equal(paged, _stock(model, input_ids, max_new_tokens=10, min_new_tokens=10))
+    assert cache.tables.tables.tolist() == [[0, 1], [2, 3], [4, 5]]
+    assert all(_reads_pool(key, cache) and not hasattr(key, "paged_step") for key in keys_seen["entry"])
+
+
+@pytest.mark.parametrize("from_model", [True, False], ids=["from_model", "bare"])
+def test_sliding_window_layers_past_the_window_take_the_cutting_path(from_model, keys_seen):
+    # Mistral's window is 24: stock's cache keeps the last 23 tokens for the attention, so past that point the
+    # paged rows go through the path that cuts them the same way. A cache built without the model cannot know the
+    # windows and always takes that path.
+    model = tiny_model("mistral")
+    input_ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=30, min_new_tokens=30, do_sample=True)
+    cache = PagedCache.from_model(model) if from_model else PagedCache(num_layers=model.config.num_hidden_layers)
+    torch.manual_seed(0)
+    paged = _generate_with(model, cache, input_ids, **kwargs)
+    torch.manual_seed(0)
+    assert torch.equal(paged, _stock(model, input_ids, **kwargs))
+    layers = model.config.num_hidden_layers
+    as_views = [not hasattr(key, "paged_step") for key in keys_seen["entry"]]
+    past_lens = [0] * layers + [12 + step for step in range(29) for _ in range(layers)]  # prompt, then decode steps
+    if from_model:
+        assert as_views == [past_len < 24 for past_len in past_lens]
+    else:
+        assert not any(as_views)
+    assert max(key.shape[2] for key in keys_seen["stock"]) == 24  # 23 past tokens + the new one, as stock's cache
