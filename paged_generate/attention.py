@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .fallback_attention import (
@@ -49,6 +50,9 @@ def rows_kv(pool: torch.Tensor, step) -> torch.Tensor:
 
 def paged_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Registered as `ATTENTION_NAME`: models that ran SDPA before the plugin (see `paged_attention`)."""
+    if not hasattr(key, "paged_step"):  # plain K/V (rows read in place, or no paged cache): stock SDPA, no detour
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     return paged_attention("sdpa", module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -12,17 +13,33 @@ from .shared_prefix import SharedPrefix
 __all__ = ["AppendPlan", "BlockTables"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class AppendPlan:
     """What a step must do to the KV pools before its new tokens are written.
 
     copy_src, copy_dst: [num_copies] block ids: copy-on-write copies to make, all of them in one batched copy.
-    slot_mapping: [num_rows, num_new_tokens] pool slot (block_id * block_size + offset) of each new token.
+    slot_mapping: [num_rows, num_new_tokens] pool slot (block_id * block_size + offset) of each new token; worked out
+        on first use (a path writing rows through views of the pool never needs it).
     """
 
     copy_src: np.ndarray
     copy_dst: np.ndarray
-    slot_mapping: np.ndarray
+    tables: np.ndarray  # after the append
+    start: int  # position of the first new token
+    num_tokens: int
+    block_size: int
+
+    @cached_property
+    def slot_mapping(self) -> np.ndarray:
+        if self.num_tokens == 1:  # decode: one column, no fancy indexing
+            block, offset = divmod(self.start, self.block_size)
+            return self.tables[:, block : block + 1] * self.block_size + offset
+        positions = np.arange(self.start, self.start + self.num_tokens)
+        return self.tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
+
+
+_NO_BLOCKS = np.zeros(0, dtype=np.int64)
+_NO_BLOCKS.flags.writeable = False
 
 
 class BlockTables:
@@ -57,6 +74,11 @@ class BlockTables:
         A row whose last, partially filled block is also referenced by another row gets its own copy first (the first
         row referencing a block keeps it). Nothing changes when the allocator cannot supply the blocks.
         """
+        if num_tokens == 1 and self.seq_len % self.block_size and not self._tails_may_be_shared:
+            # Most decode steps: every row's last block has room and is its own; nothing to allocate or copy.
+            plan = AppendPlan(_NO_BLOCKS, _NO_BLOCKS, self.tables, self.seq_len, 1, self.block_size)
+            self.seq_len += 1
+            return plan
         needed = self.blocks_needed_to_append(num_tokens)
         if not self.allocator.can_allocate(needed):
             self.allocator.allocate(needed)  # raises OutOfBlocksError with the figures, before any state changes
@@ -65,14 +87,9 @@ class BlockTables:
         if num_new:
             fresh = self.allocator.allocate(self.num_rows * num_new).reshape(self.num_rows, num_new)
             self.tables = np.concatenate([self.tables, fresh], axis=1)
-        if num_tokens == 1:  # decode: one column, no fancy indexing
-            block, offset = divmod(self.seq_len, self.block_size)
-            slot_mapping = self.tables[:, block : block + 1] * self.block_size + offset
-        else:
-            positions = np.arange(self.seq_len, self.seq_len + num_tokens)
-            slot_mapping = self.tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
+        plan = AppendPlan(copy_src, copy_dst, self.tables, self.seq_len, num_tokens, self.block_size)
         self.seq_len += num_tokens
-        return AppendPlan(copy_src, copy_dst, slot_mapping)
+        return plan
 
     def fork(self, repeats: int) -> None:
         """Row i becomes rows i*repeats .. i*repeats+repeats-1, all sharing its blocks (no copy)."""
@@ -142,8 +159,7 @@ class BlockTables:
 
     def _copy_shared_tail(self) -> tuple[np.ndarray, np.ndarray]:
         if not self._has_partial_tail():
-            empty = np.zeros(0, dtype=np.int64)
-            return empty, empty
+            return _NO_BLOCKS, _NO_BLOCKS
         rows = np.flatnonzero(self._rows_sharing_tail())
         self._tails_may_be_shared = False
         src = self.tables[rows, -1]

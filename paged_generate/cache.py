@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -37,7 +39,10 @@ class PagedLayer(CacheLayerMixin):
         # The sliding window stock's cache keeps for this layer (None: the whole history). `from_model` reads it from
         # the config; 0 (unknown) sends every step down the path that cuts the rows per attention module.
         self.window: int | None = 0
-        self._rows_views: tuple | None = None  # (pool, rows' layout, K view, V view): see `_rows_in_place`
+        self._pool_blocks = -1  # blocks in this layer's pools; -1 before they exist
+        # Rows are handed to attention as views of the pools (see `update`) while the past is shorter than this.
+        self._views_below_past_len: float = 0
+        self._rows_views: tuple | None = None  # (tables array, K pool, K view, V view) of the last in-place step
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: [num_rows, num_kv_heads, query_len, head_dim]
@@ -49,28 +54,36 @@ class PagedLayer(CacheLayerMixin):
         shape = (self.cache.allocator.capacity, self.cache.block_size, num_kv_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=value_states.dtype, device=self.device)
+        self._pool_blocks = shape[0]
+        # The Triton kernels read the pools themselves; past a sliding window, stock's cache hands attention only the
+        # window, a cut `reference_on_rows` makes per attention module.
+        self._views_below_past_len = 0 if self.use_triton else math.inf if self.window is None else self.window
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store `[num_rows, num_kv_heads, query_len, head_dim]` new K/V in the pools; return what attention reads.
 
-        That is every row's K/V `[num_rows, num_kv_heads, seq_len, head_dim]` as views of the pools where the rows can
-        be read in place (`_rows_in_place`), else the pools themselves, carrying the step's metadata (`paged_step`,
-        `paged_device_step`) for the attention function.
+        Where attention has no paged work to do, that is every row's K/V `[num_rows, num_kv_heads, seq_len, head_dim]`
+        as strided views of the pools, and the model's attention function runs stock's attention on them with no
+        per-layer glue: the rows' blocks are laid out regularly (`PagedStep.row_layout`), no shared prefix is to be
+        split off, the PyTorch backend serves the layer and no sliding-window cut applies. Otherwise it is the pools
+        themselves, carrying the step's metadata (`paged_step`, `paged_device_step`) for the attention function.
         """
         step = self.cache.step_for(self, key_states.shape[0], key_states.shape[-2])
-        if not self.is_initialized:  # after the step: the pools start at the size its blocks need
-            self.lazy_initialization(key_states, value_states)
-        if self.keys.shape[0] < self.cache.allocator.capacity:
-            self._grow_pools(self.cache.allocator.capacity)
-        if step.plan.copy_src.size:
+        if self._pool_blocks < step.pool_blocks:
+            self._provide_pools(key_states, value_states, step.pool_blocks)
+        if step.num_copies:
             device_step = step.on(self.device)
             copy_blocks(self.keys, self.values, device_step.copy_src, device_step.copy_dst, use_triton=self.use_triton)
-        self.num_written = step.seq_len
-        views = self._rows_in_place(step)
-        if views is not None:
-            keys, values = views
-            past_len, seq_len = step.past_len, step.seq_len
+        self.num_written = seq_len = step.seq_len
+        past_len = step.past_len
+        if step.reads_rows_in_place and past_len < self._views_below_past_len:
+            # The views reach every row's blocks for as long as the pool and the tables array stay the same objects.
+            views = self._rows_views
+            if views is None or views[0] is not step.tables or views[1] is not self.keys:
+                views = self._rows_views = (step.tables, self.keys, step.rows_view(self.keys),
+                                            step.rows_view(self.values))
+            keys, values = views[2], views[3]
             keys[:, :, past_len:seq_len].copy_(key_states)
             values[:, :, past_len:seq_len].copy_(value_states)
             return keys[:, :, :seq_len], values[:, :, :seq_len]
@@ -81,29 +94,17 @@ class PagedLayer(CacheLayerMixin):
             pool.paged_step, pool.paged_device_step, pool.paged_use_triton = step, device_step, self.use_triton
         return self.keys, self.values
 
-    def _rows_in_place(self, step: PagedStep) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every row's K and V as strided views of the pools [num_rows, num_kv_heads, >= seq_len, head_dim], when the
-        stock attention function can take them as they are; else None, and attention gets the pools and the step.
-
-        That is the PyTorch backend with rows laid out regularly (`PagedStep.row_layout`), no shared prefix to split
-        and no sliding-window cut to make (`reference_on_rows`): attention then has no paged work left, so this
-        layer hands it plain K/V and the forward runs stock's attention without any per-layer glue.
-        """
-        if self.use_triton or step.regular_rows is None:
-            return None
-        if self.window is not None and step.past_len >= self.window:
-            return None
-        cached = self._rows_views
-        if (cached is None or cached[0] is not self.keys or cached[1] != step.regular_rows
-                or cached[2].shape[2] < step.seq_len):
-            cached = self._rows_views = (self.keys, step.regular_rows, step.rows_view(self.keys),
-                                         step.rows_view(self.values))
-        return cached[2], cached[3]
+    def _provide_pools(self, key_states: torch.Tensor, value_states: torch.Tensor, num_blocks: int) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        else:
+            self._grow_pools(num_blocks)
 
     def _grow_pools(self, capacity: int) -> None:
         """Grow this layer's pools to the allocator's capacity; one layer at a time, so the peak stays low."""
         self.keys = _grown(self.keys, capacity)
         self.values = _grown(self.values, capacity)
+        self._pool_blocks = capacity
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.get_seq_length() + query_length, 0
@@ -116,6 +117,7 @@ class PagedLayer(CacheLayerMixin):
 
     def release(self) -> None:
         self.keys = self.values = None
+        self._pool_blocks = -1
         self._rows_views = None
         self.is_initialized = False
         self.num_written = 0
@@ -199,6 +201,7 @@ class PagedCache(Cache):
         if self.tables.seq_len == 0:  # a call's first forward
             self.check_model_enabled()
             if self.tables.num_rows != num_rows:
+                self._note_peaks()
                 self.tables.free()
                 self.tables = BlockTables(self.allocator, num_rows=num_rows)
         if num_rows != self.tables.num_rows:
@@ -208,12 +211,12 @@ class PagedCache(Cache):
             )
         past_len = self.tables.seq_len
         plan = self.tables.append(query_len)
-        self._step = PagedStep(past_len, query_len, self.block_size, self.tables.tables, plan, self.tables.shared,
-                               self._tables_memo)
-        self._note_peaks()
+        self._step = PagedStep(past_len, query_len, self.block_size, self.tables.tables, plan, self.allocator.capacity,
+                               self.tables.shared, self._tables_memo)
         return self._step
 
     def _note_peaks(self) -> None:
+        # Rows and length only grow between a call's first step and a select, crop or reset, which note them first.
         self._max_rows = max(self._max_rows, self.tables.num_rows)
         self._max_seq_len = max(self._max_seq_len, self.tables.seq_len)
         self._peak_capacity = max(self._peak_capacity, self.allocator.capacity)
@@ -241,6 +244,7 @@ class PagedCache(Cache):
         indices = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
         if indices.dtype == bool:
             indices = np.flatnonzero(indices)
+        self._note_peaks()
         self.tables.select(indices.astype(np.int64, copy=False))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -248,7 +252,6 @@ class PagedCache(Cache):
         if self.tables.seq_len == 0:
             return
         self.tables.fork(repeats)
-        self._note_peaks()
 
     def crop(self, tokens_to_remove: int) -> None:
         """`crop(-n)` forgets the last n tokens of every row; blocks left empty are freed.
@@ -257,12 +260,14 @@ class PagedCache(Cache):
         """
         tokens_to_remove = int(tokens_to_remove)  # 5.17's assisted decoding passes a 0-d tensor
         new_len = tokens_to_remove if tokens_to_remove > 0 else self.tables.seq_len + tokens_to_remove
+        self._note_peaks()
         self.tables.crop(max(new_len, 0))
         for layer in self.layers:
             layer.num_written = min(layer.num_written, self.tables.seq_len)
 
     def reset(self) -> None:
         """Forget every row; the pools are kept for reuse."""
+        self._note_peaks()
         self.tables.free()
         self._step = None
         for layer in self.layers:
@@ -277,6 +282,7 @@ class PagedCache(Cache):
         return stats
 
     def stats(self) -> CacheStats:
+        self._note_peaks()
         bytes_per_token = sum(layer.bytes_per_token for layer in self.layers)
         return CacheStats(
             block_size=self.block_size,

@@ -112,14 +112,20 @@ class PagedStep:
     block_size: int
     tables: np.ndarray  # [num_rows, num_blocks_per_row], after this step's allocation
     plan: AppendPlan
+    pool_blocks: int  # blocks the allocator can hand out; the layers' pools grow to that
     shared: SharedPrefix | None = None
     tables_memo: dict = field(default_factory=dict, repr=False)  # the cache's, kept across steps
     _by_device: dict = field(default_factory=dict, repr=False)
     _shared_by_device: dict = field(default_factory=dict, repr=False)
+    # Read by every layer, so attributes rather than properties:
+    seq_len: int = field(init=False)  # past_len + query_len
+    num_copies: int = field(init=False)  # copy-on-write block copies before the writes
+    reads_rows_in_place: bool = field(init=False)  # rows are views of the pools (`row_layout`), no prefix to split
 
-    @property
-    def seq_len(self) -> int:
-        return self.past_len + self.query_len
+    def __post_init__(self):
+        self.seq_len = self.past_len + self.query_len
+        self.num_copies = len(self.plan.copy_src)
+        self.reads_rows_in_place = self.row_layout is not None and not self.shares_prefix
 
     @property
     def num_rows(self) -> int:
@@ -139,18 +145,11 @@ class PagedStep:
             cached = self.tables_memo[key] = (self.tables, derive(self.tables))
         return cached[1]
 
-    @cached_property
+    @property
     def row_layout(self) -> tuple[int, int] | None:
         """(first, stride) when row r's blocks are first + r * stride + [0, 1, ...]: rows are then strided views of
         the pool and attention can read them in place (a fresh pool hands a lone row consecutive blocks)."""
         return self.memo("row_layout", lambda tables: _regular_layout(tables) if tables.size else None)
-
-    @cached_property
-    def regular_rows(self) -> tuple[tuple[int, int], int] | None:
-        """(row_layout, num_rows) when every row can be read as a view of the pool and no shared prefix is to be
-        split off; else None."""
-        layout = self.row_layout
-        return None if layout is None or self.shares_prefix else (layout, self.num_rows)
 
     @property
     def shares_prefix(self) -> bool:

@@ -19,22 +19,27 @@ def model():
 
 @pytest.fixture
 def keys_seen(monkeypatch):
-    """The K tensors handed to the plugin's attention function ("entry") and, from there, to stock's ("stock").
-    Both functions take (reference, module, query, key, ...)."""
+    """The K tensors the model handed the plugin's attention function ("entry": enable_paged_cache registers the
+    module's function, patched here) and those it handed stock's attention ("stock")."""
     seen = {"entry": [], "stock": []}
-    for module, name, label in ((attention_module, "paged_attention", "entry"),
-                                (attention_module, "reference_attention", "stock"),
-                                (fallback_module, "reference_attention", "stock")):
-        monkeypatch.setattr(module, name, _recording(getattr(module, name), seen[label]))
+
+    def recording_entry(module, query, key, *args, **kwargs):
+        seen["entry"].append(key)
+        return entry(module, query, key, *args, **kwargs)
+
+    def recording_stock(reference, module, query, key, *args, **kwargs):
+        seen["stock"].append(key)
+        return stock(reference, module, query, key, *args, **kwargs)
+
+    entry, stock = attention_module.paged_attention_forward, fallback_module.reference_attention
+    monkeypatch.setattr(attention_module, "paged_attention_forward", recording_entry)
+    monkeypatch.setattr(attention_module, "reference_attention", recording_stock)
+    monkeypatch.setattr(fallback_module, "reference_attention", recording_stock)
+    # The plain-K/V shortcut of the SDPA entry calls transformers' function directly.
+    monkeypatch.setattr(attention_module, "sdpa_attention_forward",
+                        lambda module, query, key, *args, **kwargs: recording_stock("sdpa", module, query, key, *args,
+                                                                                    **kwargs))
     return seen
-
-
-def _recording(function, keys: list):
-    def recorded(reference, module, query, key, *args, **kwargs):
-        keys.append(key)
-        return function(reference, module, query, key, *args, **kwargs)
-
-    return recorded
 
 
 def _generate_with(model, cache, input_ids, **kwargs):
