@@ -1,0 +1,101 @@
+"""Time of one decoding forward, stock `DynamicCache` vs `PagedCache`, paired step by step.
+
+    python benchmarks/decode_step.py [--rounds 10] [--out benchmarks/results/decode_step.json]
+
+End-to-end runs of a short generate() call move by several percent from one run to the next on a shared machine, more
+than the plugin's own per-step cost. Here two copies of the 4-layer GQA Llama of benchmarks/speed.py (one stock, one
+enabled) decode the same prompt side by side: at every position both take one forward, in alternating order, and the
+difference of the two times is kept. Prints the median step times and the median of the paired differences per case,
+and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, this folder is sys.path[0]: its kernels.py would shadow the `kernels` package transformers probes.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch
+import transformers
+from transformers import DynamicCache
+
+from paged_generate import PagedCache, enable_paged_cache
+
+
+def build_model():
+    """The model of benchmarks/speed.py (loaded by path: this folder is not importable, see above)."""
+    spec = importlib.util.spec_from_file_location("speed_benchmark", Path(__file__).with_name("speed.py"))
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    return speed.build_model()
+
+
+CASES = {
+    "greedy, batch 1, prompt 128, 128 steps": dict(rows=1, prompt_len=128, steps=128),
+    "greedy, batch 4, prompt 128, 128 steps": dict(rows=4, prompt_len=128, steps=128),
+}
+
+
+def paired_steps(stock_model, paged_model, case: dict, rounds: int) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, stock_model.config.vocab_size, (case["rows"], case["prompt_len"]), generator=generator)
+    token = torch.full((case["rows"], 1), 5)
+    models = {"stock": stock_model, "paged": paged_model}
+    times = {"stock": [], "paged": []}
+    differences = []
+    with torch.no_grad():
+        for _ in range(rounds):
+            caches = {"stock": DynamicCache(config=stock_model.config), "paged": PagedCache.from_model(paged_model)}
+            for label in models:
+                models[label](prompt, cache=caches[label], use_cache=True)
+            for step in range(case["steps"]):
+                position = torch.full((case["rows"], 1), case["prompt_len"] + step)
+                seconds = {}
+                for label in ("stock", "paged") if step % 2 else ("paged", "stock"):
+                    start = time.perf_counter()
+                    models[label](token, cache=caches[label], use_cache=True, position_ids=position,
+                                  cache_position=position[0])
+                    seconds[label] = time.perf_counter() - start
+                for label in models:
+                    times[label].append(seconds[label] * 1e6)
+                differences.append((seconds["paged"] - seconds["stock"]) * 1e6)
+    stock_us, paged_us = statistics.median(times["stock"]), statistics.median(times["paged"])
+    extra_us = statistics.median(differences)
+    return {"stock_us": stock_us, "paged_us": paged_us, "paired_extra_us": extra_us,
+            "paired_extra_fraction": extra_us / stock_us, "steps_timed": len(differences)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10, help="prompts decoded per case (each a fresh pair of caches)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_step.json"))
+    args = parser.parse_args(argv)
+    stock_model = build_model()
+    paged_model = copy.deepcopy(stock_model)
+    enable_paged_cache(paged_model)
+    results = {}
+    print("| case | steps timed | stock us / step (median) | paged us / step (median) | paged - stock, paired (median) |")
+    print("|---|---|---|---|---|")
+    for name, case in CASES.items():
+        result = results[name] = paired_steps(stock_model, paged_model, case, args.rounds)
+        print(f"| {name} | {result['steps_timed']} | {result['stock_us']:.0f} | {result['paged_us']:.0f} "
+              f"| {result['paired_extra_us']:+.0f} us ({100 * result['paired_extra_fraction']:+.1f}%) |", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
