@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
-import platform
 import statistics
 import sys
 import time
@@ -25,19 +23,20 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch
-import transformers
 from transformers import DynamicCache
 
 from paged_generate import PagedCache, enable_paged_cache
 
 
-def build_model():
-    """The model of benchmarks/speed.py (loaded by path: this folder is not importable, see above)."""
+def _load_speed_benchmark():
+    """benchmarks/speed.py, loaded by path (this folder is not importable, see above): its model and JSON writer."""
     spec = importlib.util.spec_from_file_location("speed_benchmark", Path(__file__).with_name("speed.py"))
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
-    return speed.build_model()
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+speed = _load_speed_benchmark()
 
 CASES = {
     "greedy, batch 1, prompt 128, 128 steps": dict(rows=1, prompt_len=128, steps=128),
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="prompts decoded per case (each a fresh pair of caches)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_step.json"))
     args = parser.parse_args(argv)
-    stock_model = build_model()
+    stock_model = speed.build_model()
     paged_model = copy.deepcopy(stock_model)
     enable_paged_cache(paged_model)
     results = {}
@@ -89,11 +88,7 @@ def main(argv=None) -> int:
         result = results[name] = paired_steps(stock_model, paged_model, case, args.rounds)
         print(f"| {name} | {result['steps_timed']} | {result['stock_us']:.0f} | {result['paged_us']:.0f} "
               f"| {result['paired_extra_us']:+.0f} us ({100 * result['paired_extra_fraction']:+.1f}%) |", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "results": results}, indent=2))
+    speed.write_results(args.out, results)
     return 0
 
 

@@ -88,12 +88,17 @@ def main(argv=None) -> int:
         result = results[name] = run_case(model, CASES[name], args.repeats)
         print(f"| {name} | {len(result['stock_runs'])} | {result['stock_s']:.2f} | {result['paged_s']:.2f} | {result['speedup']:.2f}x "
               f"| {result['median_round_speedup']:.2f}x |", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    write_results(args.out, results)
+    return 0
+
+
+def write_results(out: str, results: dict) -> None:
+    """`results` as JSON at `out`, with the command line and what ran it."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
         "results": results}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

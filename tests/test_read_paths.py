@@ -42,17 +42,17 @@ def keys_seen(monkeypatch):
     return seen
 
 
-def _generate_with(model, cache, input_ids, **kwargs):
+def _generate_matching_stock(model, cache, input_ids, seed: int = 0, **kwargs):
+    """`model.generate` through `cache` with the plugin on; asserts stock gives the same tokens."""
     enable_paged_cache(model)
     try:
-        return model.generate(input_ids, pad_token_id=0, **kwargs, **{CACHE_KWARG: cache})
+        torch.manual_seed(seed)
+        paged = model.generate(input_ids, pad_token_id=0, **kwargs, **{CACHE_KWARG: cache})
     finally:
         disable_paged_cache(model)
-
-
-def _stock(model, input_ids, **kwargs):
-    disable_paged_cache(model)
-    return model.generate(input_ids, pad_token_id=0, **kwargs)
+    torch.manual_seed(seed)
+    assert torch.equal(paged, model.generate(input_ids, pad_token_id=0, **kwargs))
+    return paged
 
 
 def _reads_pool(key: torch.Tensor, cache: PagedCache) -> bool:
@@ -71,8 +71,7 @@ def test_a_lone_row_reaches_attention_as_views_of_the_pool(model, keys_seen):
     input_ids = torch.randint(3, 90, (1, 40), generator=torch.Generator().manual_seed(0))
     cache = PagedCache.from_model(model)
     _keep_pools(cache)
-    paged = _generate_with(model, cache, input_ids, max_new_tokens=30, min_new_tokens=30)
-    assert torch.equal(paged, _stock(model, input_ids, max_new_tokens=30, min_new_tokens=30))
+    _generate_matching_stock(model, cache, input_ids, max_new_tokens=30, min_new_tokens=30)
     # The layer hands attention each row's K as a view of its pool: no gather, no block tables to read.
     assert len(keys_seen["entry"]) == 30 * model.config.num_hidden_layers
     for key in keys_seen["entry"]:
@@ -86,8 +85,7 @@ def test_scattered_blocks_are_gathered_and_give_stock_tokens(model, keys_seen):
     for block in np.random.default_rng(0).permutation(cache.allocator.allocate(32)):
         cache.allocator.decref(np.array([block]))
     input_ids = torch.randint(3, 90, (1, 40), generator=torch.Generator().manual_seed(1))
-    paged = _generate_with(model, cache, input_ids, max_new_tokens=30, min_new_tokens=30)
-    assert torch.equal(paged, _stock(model, input_ids, max_new_tokens=30, min_new_tokens=30))
+    _generate_matching_stock(model, cache, input_ids, max_new_tokens=30, min_new_tokens=30)
     assert cache.tables.tables.shape == (1, 5) and cache.tables.tables.tolist() != [[0, 1, 2, 3, 4]]
     # Attention gets the pools with the step and hands stock's function K gathered through the tables.
     assert all(hasattr(key, "paged_step") for key in keys_seen["entry"])
@@ -99,8 +97,7 @@ def test_regular_rows_side_by_side_are_read_in_place(model, keys_seen):
     input_ids = torch.randint(3, 90, (3, 20), generator=torch.Generator().manual_seed(2))
     cache = PagedCache.from_model(model)
     _keep_pools(cache)
-    paged = _generate_with(model, cache, input_ids, max_new_tokens=10, min_new_tokens=10)
-    assert torch.equal(paged, _stock(model, input_ids, max_new_tokens=10, min_new_tokens=10))
+    _generate_matching_stock(model, cache, input_ids, max_new_tokens=10, min_new_tokens=10)
     assert cache.tables.tables.tolist() == [[0, 1], [2, 3], [4, 5]]
     assert all(_reads_pool(key, cache) and not hasattr(key, "paged_step") for key in keys_seen["entry"])
 
@@ -114,10 +111,7 @@ def test_sliding_window_layers_past_the_window_take_the_cutting_path(from_model,
     input_ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(3))
     kwargs = dict(max_new_tokens=30, min_new_tokens=30, do_sample=True)
     cache = PagedCache.from_model(model) if from_model else PagedCache(num_layers=model.config.num_hidden_layers)
-    torch.manual_seed(0)
-    paged = _generate_with(model, cache, input_ids, **kwargs)
-    torch.manual_seed(0)
-    assert torch.equal(paged, _stock(model, input_ids, **kwargs))
+    _generate_matching_stock(model, cache, input_ids, **kwargs)
     layers = model.config.num_hidden_layers
     as_views = [not hasattr(key, "paged_step") for key in keys_seen["entry"]]
     past_lens = [0] * layers + [12 + step for step in range(29) for _ in range(layers)]  # prompt, then decode steps
