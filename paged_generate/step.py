@@ -160,9 +160,10 @@ class PagedStep:
     def rows_view(self, pool: torch.Tensor) -> torch.Tensor:
         """Every row's K (or V) as a strided view of `pool` [num_rows, num_kv_heads, reach, head_dim], `reach` >=
         `seq_len` tokens; only for a `row_layout`. A lone row reaches to the end of the pool (later steps slice the
-        same view); rows side by side (stride 0: all share, else disjoint runs) reach their own run only."""
-        first, stride = self.row_layout
-        reach = pool.shape[0] - first if self.num_rows == 1 else max(stride, self.tables.shape[1])
+        same view); rows side by side (stride 0: all share, else runs `stride` apart) reach their own blocks only, as
+        the last row's run may end the pool."""
+        first, _ = self.row_layout
+        reach = pool.shape[0] - first if self.num_rows == 1 else self.tables.shape[1]
         return prefix_view(pool, self.row_layout, self.num_rows, reach)
 
     def shared_on(self, device: torch.device) -> DeviceSharedPrefix:

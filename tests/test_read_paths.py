@@ -8,6 +8,9 @@ import torch
 import paged_generate.attention as attention_module
 import paged_generate.fallback_attention as fallback_module
 from paged_generate import PagedCache, disable_paged_cache, enable_paged_cache
+from paged_generate.attention import gather_kv
+from paged_generate.block_tables import AppendPlan
+from paged_generate.step import PagedStep
 from paged_generate.patches.compat import CACHE_KWARG
 from tiny_models import tiny_model
 
@@ -120,3 +123,14 @@ def test_sliding_window_layers_past_the_window_take_the_cutting_path(from_model,
     else:
         assert not any(as_views)
     assert max(key.shape[2] for key in keys_seen["stock"]) == 24  # 23 past tokens + the new one, as stock's cache
+
+
+def test_rows_spaced_wider_than_their_runs_are_viewed_within_the_pool():
+    # Rows holding blocks 0, 5 and 10 are regular (stride 5) though each holds one block; a pool of 11 blocks ends
+    # with the last row's block, so a view reaching 5 blocks per row would run past it.
+    tables = np.array([[0], [5], [10]])
+    plan = AppendPlan(np.zeros(0, np.int64), np.zeros(0, np.int64), tables, start=11, num_tokens=1, block_size=16)
+    step = PagedStep(11, 1, 16, tables, plan, pool_blocks=11)
+    pool = torch.randn(11, 16, 2, 8)
+    assert step.row_layout == (0, 5) and step.reads_rows_in_place
+    assert torch.equal(step.rows_view(pool)[:, :, :12], gather_kv(pool, torch.from_numpy(tables), 12))
