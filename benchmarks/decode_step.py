@@ -54,6 +54,8 @@ def paired_steps(stock_model, paged_model, case: dict, rounds: int) -> dict:
     with torch.no_grad():
         for _ in range(rounds):
             caches = {"stock": DynamicCache(config=stock_model.config), "paged": PagedCache.from_model(paged_model)}
+            # What generate() tells the cache of a call whose rows share nothing: how long the rows will grow.
+            caches["paged"].expected_seq_len = case["prompt_len"] + case["steps"]
             for label in models:
                 models[label](prompt, cache=caches[label], use_cache=True)
             for step in range(case["steps"]):

@@ -76,6 +76,30 @@ class BlockAllocator:
         self.peak_used = max(self.peak_used, self.num_used)
         return ids
 
+    def next_id(self) -> int:
+        """The id `allocate` would hand out first."""
+        return int(self._free_stack[self.num_free - 1]) if self.num_free else self.capacity
+
+    def take(self, ids: np.ndarray) -> bool:
+        """Take these particular ids (count 1 each), growing the pool to reach them, if all are free, distinct and
+        under `max_blocks`; else take nothing and return False. Lets a row's next block follow its last one."""
+        if len(ids) == 0:
+            return True
+        top = int(ids.max())
+        if int(ids.min()) < 0 or top >= self._limit() or not self.can_allocate(len(ids)):
+            return False
+        known = ids[ids < self.capacity]
+        if self.ref_counts[known].any() or len(np.unique(ids)) != len(ids):
+            return False
+        if top >= self.capacity:
+            self.grow(max(top + 1, self.capacity + self.capacity // 4))
+        free = self._free_stack[: self.num_free]
+        self._free_stack = free[~np.isin(free, ids)]  # the other free ids keep their order
+        self.num_free = len(self._free_stack)
+        self.ref_counts[ids] = 1
+        self.peak_used = max(self.peak_used, self.num_used)
+        return True
+
     def incref(self, ids: np.ndarray, times: int = 1) -> None:
         np.add.at(self.ref_counts, ids, times)
 

@@ -50,8 +50,11 @@ class BlockTables:
     pointing at each block.
     """
 
-    def __init__(self, allocator: BlockAllocator, num_rows: int = 0):
+    def __init__(self, allocator: BlockAllocator, num_rows: int = 0, row_stride: int | None = None):
+        """`row_stride`: blocks between the first blocks of consecutive rows, when the rows are expected to grow side
+        by side to that many blocks each (see `_fresh_columns`)."""
         self.allocator = allocator
+        self.row_stride = row_stride
         self.block_size = allocator.block_size
         self.tables = np.zeros((num_rows, 0), dtype=np.int64)
         self.seq_len = 0
@@ -85,11 +88,25 @@ class BlockTables:
         copy_src, copy_dst = self._copy_shared_tail()
         num_new = self._num_new_columns(num_tokens)
         if num_new:
-            fresh = self.allocator.allocate(self.num_rows * num_new).reshape(self.num_rows, num_new)
-            self.tables = np.concatenate([self.tables, fresh], axis=1)
+            self.tables = np.concatenate([self.tables, self._fresh_columns(num_new)], axis=1)
         plan = AppendPlan(copy_src, copy_dst, self.tables, self.seq_len, num_tokens, self.block_size)
         self.seq_len += num_tokens
         return plan
+
+    def _fresh_columns(self, num_new: int) -> np.ndarray:
+        """[num_rows, num_new] new block ids, from the allocator in its order; except for rows given a `row_stride`,
+        which are first placed that many blocks apart and then continue their own runs, while those ids are free.
+        Such rows stay strided views of the pool, which attention reads in place (rows handed blocks in turn would
+        interleave, and attention would gather them every step)."""
+        if self.row_stride and self.num_rows > 1:
+            if self.tables.shape[1]:
+                wanted = self.tables[:, -1:] + 1 + np.arange(num_new)
+            else:
+                first = self.allocator.next_id()
+                wanted = first + self.row_stride * np.arange(self.num_rows)[:, None] + np.arange(num_new)
+            if self.allocator.take(wanted.ravel()):
+                return wanted
+        return self.allocator.allocate(self.num_rows * num_new).reshape(self.num_rows, num_new)
 
     def fork(self, repeats: int) -> None:
         """Row i becomes rows i*repeats .. i*repeats+repeats-1, all sharing its blocks (no copy)."""

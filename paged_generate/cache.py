@@ -176,6 +176,11 @@ class PagedCache(Cache):
         self.block_size = block_size
         self.backend = backend
         self.model_config = None  # set by `from_model`
+        # Tokens per row a call expects at most, set by generate() where rows share nothing (no beams or samples) on
+        # the PyTorch path: rows are then placed that far apart in the pool, each keeping a run of blocks that
+        # attention reads in place (see BlockTables). The pool then holds max_length tokens per row from the start,
+        # as stock's cache does once generation reaches max_length.
+        self.expected_seq_len: int | None = None
         self.allocator = BlockAllocator(block_size=block_size, max_blocks=max_blocks)
         self.tables = BlockTables(self.allocator)
         self._step: PagedStep | None = None
@@ -204,6 +209,8 @@ class PagedCache(Cache):
                 self._note_peaks()
                 self.tables.free()
                 self.tables = BlockTables(self.allocator, num_rows=num_rows)
+            if self.expected_seq_len:
+                self.tables.row_stride = -(-self.expected_seq_len // self.block_size)
         if num_rows != self.tables.num_rows:
             raise ValueError(
                 f"PagedCache holds {self.tables.num_rows} rows but the forward has {num_rows}; reorder or select rows "

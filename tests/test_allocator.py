@@ -106,3 +106,31 @@ def test_append_fails_cleanly_at_the_cap():
     np.testing.assert_array_equal(tables.tables, before)
     assert tables.seq_len == 6
     assert_consistent(tables)
+
+
+def test_take_hands_out_exactly_the_ids_asked_for_or_nothing():
+    allocator = BlockAllocator(block_size=4, max_blocks=40)
+    held = allocator.allocate(3)  # 0, 1, 2
+    assert not allocator.take(np.array([2, 3]))  # 2 is in use
+    assert not allocator.take(np.array([5, 5]))  # repeated
+    assert not allocator.take(np.array([39, 40]))  # past the cap
+    assert allocator.num_used == 3 and allocator.capacity == 3
+    assert allocator.take(np.array([4, 9]))  # grows the pool to reach 9 (geometrically, as allocate does)
+    assert allocator.capacity == 10 and allocator.ref_counts[[4, 9]].tolist() == [1, 1]
+    # The ids left free keep their order: lowest first.
+    assert allocator.allocate(3).tolist() == [3, 5, 6] and allocator.next_id() == 7
+    allocator.decref(held)
+    assert allocator.num_used == 5
+
+
+def test_rows_expected_to_grow_side_by_side_keep_runs_of_blocks():
+    tables = BlockTables(BlockAllocator(block_size=4), num_rows=3, row_stride=3)
+    tables.append(6)  # 2 blocks per row, rows 3 blocks apart
+    assert tables.tables.tolist() == [[0, 1], [3, 4], [6, 7]]
+    tables.append(6)  # 3rd block of each row: the one after its last
+    assert tables.tables.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    tables.append(1)  # the runs are used up: blocks come from the allocator in its order
+    assert tables.tables[:, 3].tolist() == [9, 10, 11]
+    assert_consistent(tables)
+    tables.free()
+    assert tables.allocator.num_used == 0

@@ -30,9 +30,15 @@ class PagedCacheMachine(RuleBasedStateMachine):
         block_size=st.sampled_from([1, 2, 4]),
         max_blocks=st.one_of(st.none(), st.integers(4, 40)),
         rows=st.integers(1, 4),
+        expected_seq_len=st.one_of(st.none(), st.integers(1, 24)),
     )
-    def start(self, block_size, max_blocks, rows):
+    def start(self, block_size, max_blocks, rows, expected_seq_len):
         self.cache = PagedCache(num_layers=NUM_LAYERS, block_size=block_size, max_blocks=max_blocks)
+        # As generate() sets them: rows placed apart to grow in runs, and layers without a sliding window, whose
+        # rows can reach attention as views of the pools.
+        self.cache.expected_seq_len = expected_seq_len
+        for layer in self.cache.layers:
+            layer.window = None
         self.rows = rows
         # reference[layer] = (K, V) each [rows, seq_len, heads, head_dim]
         self.reference = [(torch.zeros(rows, 0, HEADS, HEAD_DIM),) * 2 for _ in range(NUM_LAYERS)]
@@ -49,8 +55,7 @@ class PagedCacheMachine(RuleBasedStateMachine):
         shared_before = self._snapshot_shared_blocks()
         new = [(self._fresh(self.rows, tokens), self._fresh(self.rows, tokens)) for _ in range(NUM_LAYERS)]
         try:
-            for layer, (k, v) in enumerate(new):
-                self.cache.update(k, v, layer)
+            returned = [self.cache.update(k, v, layer) for layer, (k, v) in enumerate(new)]
         except OutOfBlocksError:
             assert all(layer.num_written == self.cache.get_seq_length() for layer in self.cache.layers)
             return
@@ -58,6 +63,10 @@ class PagedCacheMachine(RuleBasedStateMachine):
             (torch.cat([rk, k.transpose(1, 2)], 1), torch.cat([rv, v.transpose(1, 2)], 1))
             for (rk, rv), (k, v) in zip(self.reference, new)
         ]
+        # What attention gets: the pools with the step, or every row's K/V [rows, heads, seq_len, head_dim] as views.
+        for (keys, values), (ref_k, ref_v) in zip(returned, self.reference):
+            if not hasattr(keys, "paged_step"):
+                assert torch.equal(keys.transpose(1, 2), ref_k) and torch.equal(values.transpose(1, 2), ref_v)
         # Blocks shared before and after the step were not written: writes go to each row's exclusive tail.
         for layer, blocks, keys in shared_before:
             still_shared = torch.from_numpy(self.cache.allocator.ref_counts[blocks.numpy()] > 1)

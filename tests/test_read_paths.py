@@ -7,6 +7,7 @@ import torch
 
 import paged_generate.attention as attention_module
 import paged_generate.fallback_attention as fallback_module
+from helpers import generate_both
 from paged_generate import PagedCache, disable_paged_cache, enable_paged_cache
 from paged_generate.attention import gather_kv
 from paged_generate.block_tables import AppendPlan
@@ -134,3 +135,27 @@ def test_rows_spaced_wider_than_their_runs_are_viewed_within_the_pool():
     pool = torch.randn(11, 16, 2, 8)
     assert step.row_layout == (0, 5) and step.reads_rows_in_place
     assert torch.equal(step.rows_view(pool)[:, :, :12], gather_kv(pool, torch.from_numpy(tables), 12))
+
+
+def test_prompts_sharing_nothing_grow_in_runs_and_stay_views(model, keys_seen):
+    # generate() tells the cache how long rows will grow when nothing is shared; each row then keeps a run of
+    # blocks, instead of rows taking fresh blocks in turn and interleaving.
+    input_ids = torch.randint(3, 90, (3, 20), generator=torch.Generator().manual_seed(5))
+    stock, paged, stats = generate_both(model, input_ids=input_ids, max_new_tokens=40, min_new_tokens=40,
+                                        pad_token_id=0)
+    assert torch.equal(stock, paged)
+    assert stats.peak_blocks == 3 * 4  # 59 tokens per row: 4 blocks each, no more held
+    assert len(keys_seen["entry"]) == 40 * model.config.num_hidden_layers
+    assert not any(hasattr(key, "paged_step") for key in keys_seen["entry"])
+
+
+def test_rows_outgrowing_their_runs_fall_back_to_gathering(model, keys_seen):
+    input_ids = torch.randint(3, 90, (3, 20), generator=torch.Generator().manual_seed(6))
+    cache = PagedCache.from_model(model)
+    cache.expected_seq_len = 32  # runs of 2 blocks; the rows grow to 4
+    _keep_pools(cache)
+    _generate_matching_stock(model, cache, input_ids, max_new_tokens=40, min_new_tokens=40)
+    assert cache.tables.tables[:, :2].tolist() == [[0, 1], [2, 3], [4, 5]]
+    as_views = [not hasattr(key, "paged_step") for key in keys_seen["entry"]]
+    assert any(as_views) and not all(as_views)
+    assert cache.allocator.num_used == 3 * 4

@@ -20,6 +20,7 @@ import torch
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.utils import ModelOutput
 
+from ..backend import uses_triton
 from ..cache import PagedCache
 from ..fallback_attention import weights_wanted
 from ..stats import CacheStats
@@ -117,6 +118,11 @@ def _prepare_cache(original, state: PluginState):
         if not wants_default_cache:
             return original(self, generation_config, model_kwargs, *args, **kwargs)
         cache = state.new_cache(self)
+        shares_nothing = (generation_config.num_beams or 1) == 1 and (generation_config.num_return_sequences or 1) == 1
+        if shares_nothing and not uses_triton(state.backend, self.device, state.block_size):
+            # The PyTorch path reads rows in place when each keeps a run of blocks: the cache places the rows
+            # max_length apart (the kernels read through the tables, so GPU memory is not set aside for that).
+            cache.expected_seq_len = generation_config.max_length
         record.caches.append(cache)
         model_kwargs[CACHE_KWARG] = cache
         if generation_config.output_attentions and record.weights_token is None:
