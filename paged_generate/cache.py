@@ -138,7 +138,8 @@ class PagedCache(Cache):
 
     Rows share blocks by reference: `batch_repeat_interleave` (samples and beams of one prompt) and `reorder_cache`
     (beam search) move block ids and counts, never K/V. A row writing into a block another row still references
-    copies that block first. Pools start empty and grow on demand, up to `max_blocks`.
+    copies that block first. Pools start empty and grow on demand, up to `max_blocks` (rows told to keep runs of
+    blocks, `expected_seq_len`, take their runs' span at once).
 
     Example
     -------
