@@ -56,3 +56,4 @@ def large_pools(device):
     key_cache = torch.empty(num_blocks, LARGE_POOL_BLOCK_SIZE, 1, LARGE_POOL_HEAD_DIM, dtype=torch.float16)
     assert key_cache.numel() > 2**31
     return key_cache, torch.empty_like(key_cache)
+

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from paged_generate.kernels import choose_num_splits, paged_attention, paged_attention_reference
+from pool_blocks import fill_top_blocks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -265,10 +266,8 @@ def test_choose_num_splits():
 def test_int64_offsets_large_pool(device, large_pools):
     """Blocks at the top of a pool with more than 2**31 elements per cache."""
     key_cache, value_cache = large_pools
-    num_blocks, block_size, _, head_dim = key_cache.shape
-    top = torch.arange(num_blocks - 8, num_blocks)
-    key_cache[top] = torch.randn(8, block_size, 1, head_dim).half()
-    value_cache[top] = torch.randn(8, block_size, 1, head_dim).half()
+    head_dim = key_cache.shape[-1]
+    top = fill_top_blocks(large_pools, 8)
     block_tables = top.flip(0).view(2, 4).to(torch.int32)
     for query_len, num_splits in [(1, 1), (1, 2), (10, 1)]:
         case = Case(

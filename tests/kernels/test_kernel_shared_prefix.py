@@ -20,6 +20,7 @@ from paged_generate.kernels import (
     shared_prefix_paged_attention,
     shared_prefix_paged_attention_reference,
 )
+from pool_blocks import fill_top_blocks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -311,10 +312,8 @@ def test_full_block_tables():
 def test_int64_offsets_large_pool(device, large_pools):
     """Blocks at the top of a pool with more than 2**31 elements per cache."""
     key_cache, value_cache = large_pools
-    num_blocks, block_size, _, head_dim = key_cache.shape
-    top = torch.arange(num_blocks - 6, num_blocks)
-    key_cache[top] = torch.randn(6, block_size, 1, head_dim).half()
-    value_cache[top] = torch.randn(6, block_size, 1, head_dim).half()
+    head_dim = key_cache.shape[-1]
+    top = fill_top_blocks(large_pools, 6)
     case = Case(
         query=torch.randn(3, 4, 1, head_dim).half(), key_cache=key_cache, value_cache=value_cache,
         row_group=torch.tensor([0, 0, 0]), prefix_tables=top[None, [5, 4]],
