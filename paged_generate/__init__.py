@@ -4,14 +4,28 @@
 >>> enable_paged_cache(model)
 >>> model.generate(ids, num_beams=8, max_new_tokens=128)
 >>> cache_stats(model).saving
+
+Map of the package (each layer imports only from the ones above it):
+
+- blocks/       where blocks are allocated and shared: allocator (ids, reference counts), tables (fork, append with
+                copy-on-write, select, crop), groups (rows sharing a prefix). numpy only.
+- step.py       where one forward's metadata is built, once for every layer: tables, slot mapping, copies, groups,
+                uploaded per device on first use. layout.py: rows read in place as strided views, or gathered.
+- cache.py      `PagedCache` / `PagedLayer`: the pools, writes, and the `PagedRead` a layer hands attention.
+- attention/    where attention picks its path (dispatch.py): stock's function (stock.py), the Triton kernels, or the
+                PyTorch shared-prefix split (shared_prefix.py).
+- kernels/      Triton kernels and their PyTorch references; import nothing else of this package.
+- patches/      the only place that touches transformers' (and torch's) private internals, each guarded by
+                tests/test_seams.py; patches/generate.py overrides generate()'s cache creation and prefill.
+- enable.py     the public switch; capture.py watches calls; stats.py, errors.py, backend.py are leaves.
 """
 
-from .allocator import BlockAllocator
-from .attention import ATTENTION_NAME
-from .block_tables import BlockTables
+from .blocks import BlockAllocator, BlockTables
 from .cache import PagedCache
+from .capture import CapturedCalls, StepRecord, capture_caches
 from .enable import cache_stats, disable_paged_cache, enable_paged_cache, is_paged_cache_enabled
 from .errors import OutOfBlocksError, UnsupportedModelError
+from .patches.attention_impl import ATTENTION_NAME
 from .stats import CacheStats
 
 __all__ = [
@@ -19,10 +33,13 @@ __all__ = [
     "BlockAllocator",
     "BlockTables",
     "CacheStats",
+    "CapturedCalls",
     "OutOfBlocksError",
     "PagedCache",
+    "StepRecord",
     "UnsupportedModelError",
     "cache_stats",
+    "capture_caches",
     "disable_paged_cache",
     "enable_paged_cache",
     "is_paged_cache_enabled",

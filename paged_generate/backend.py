@@ -6,26 +6,26 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "check_backend", "uses_triton"]
+from .kernels import MIN_BLOCK_SIZE, triton_available
+
+__all__ = ["BACKENDS", "BACKEND_ENV", "backend_problem", "uses_triton"]
 
 BACKENDS = ("auto", "triton", "torch")
 BACKEND_ENV = "PAGED_GENERATE_BACKEND"  # overrides backend="auto", e.g. to run the kernels under TRITON_INTERPRET=1
-MIN_TRITON_BLOCK_SIZE = 8
 
 
-def check_backend(backend: str, block_size: int) -> None:
-    """Refuse at enable time what could only fail later, in the middle of a generate() call."""
+def backend_problem(backend: str, block_size: int) -> str | None:
+    """What could only fail later, in the middle of a generate() call, said at enable time; None if nothing."""
     if backend not in BACKENDS:
-        raise ValueError(f"enable_paged_cache: backend={backend!r}; choose one of {BACKENDS}.")
-    if _resolve(backend) == "triton":
-        from .kernels import triton_available
-
-        if not triton_available():
-            raise ValueError("enable_paged_cache: backend='triton' needs the `triton` package; install it or use "
-                             "backend='torch'.")
-        if block_size < MIN_TRITON_BLOCK_SIZE:
-            raise ValueError(f"enable_paged_cache: the Triton kernels need block_size >= {MIN_TRITON_BLOCK_SIZE}, got "
-                             f"{block_size}; raise it or use backend='torch'.")
+        return f"backend={backend!r}; choose one of {BACKENDS}"
+    if _resolve(backend) != "triton":
+        return None
+    if not triton_available():
+        return "backend='triton' needs the `triton` package; install it or use backend='torch'"
+    if block_size < MIN_BLOCK_SIZE:
+        return (f"the Triton kernels need block_size >= {MIN_BLOCK_SIZE}, got {block_size}; raise it or use "
+                f"backend='torch'")
+    return None
 
 
 def uses_triton(backend: str, device: torch.device, block_size: int) -> bool:
@@ -33,11 +33,7 @@ def uses_triton(backend: str, device: torch.device, block_size: int) -> bool:
     resolved = _resolve(backend)
     if resolved != "auto":
         return resolved == "triton"
-    if device.type != "cuda" or block_size < MIN_TRITON_BLOCK_SIZE:
-        return False
-    from .kernels import triton_available
-
-    return triton_available()
+    return device.type == "cuda" and block_size >= MIN_BLOCK_SIZE and triton_available()
 
 
 def _resolve(backend: str) -> str:

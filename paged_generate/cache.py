@@ -2,21 +2,76 @@
 
 from __future__ import annotations
 
-import math
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .allocator import BlockAllocator
 from .backend import uses_triton
-from .fallback_attention import stock_cache_windows
-from .block_tables import BlockTables
+from .blocks import BlockAllocator, BlockTables, cdiv
+from .kernels import kernels_serve
 from .kv_ops import copy_blocks, write_kv
+from .layout import gather_rows
+from .patches.attention_impl import implementation_of, runs_paged_attention
+from .patches.compat import length_after_crop
+from .patches.layer_windows import stock_cache_windows
 from .stats import CacheStats
-from .step import PagedStep
+from .step import DeviceStep, PagedStep
 
-__all__ = ["PagedCache", "PagedLayer"]
+__all__ = ["PagedCache", "PagedLayer", "PagedRead", "paged_read_of"]
+
+
+@dataclass(frozen=True)
+class PagedRead:
+    """What attention needs to read one layer's paged K/V in this forward, handed over with the layer's pools.
+
+    A layer whose attention has paged work to do returns its pools as "K/V" and hands this over (`paged_read_of`
+    finds it again from the pool the attention function received); anything else attention receives is ordinary K/V.
+    """
+
+    layer: "PagedLayer"
+    step: PagedStep
+    device_step: DeviceStep
+
+    @property
+    def keys(self) -> torch.Tensor:  # [num_blocks, block_size, num_kv_heads, head_dim]
+        return self.layer.keys
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.layer.values
+
+    @property
+    def use_triton(self) -> bool:
+        return self.layer.use_triton
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's K and V [num_rows, num_kv_heads, seq_len, head_dim] (see `PagedLayer.rows`)."""
+        return self.layer.rows(self.step)
+
+
+# The read a layer handed over last in this thread (or task): attention runs right after its layer's update.
+_handed_over: ContextVar[PagedRead | None] = ContextVar("paged_generate_read", default=None)
+
+
+def paged_read_of(key: torch.Tensor) -> PagedRead | None:
+    """The `PagedRead` whose pools attention received as `key`, or None for ordinary K/V."""
+    read = _handed_over.get()
+    return read if read is not None and read.layer.keys is key else None
+
+
+@dataclass(frozen=True)
+class _RowsViews:
+    """Every row's K and V as views of one layer's pools, reaching `reach` >= seq_len tokens."""
+
+    layout: tuple[int, int]
+    num_rows: int
+    key_pool: torch.Tensor
+    keys: torch.Tensor  # [num_rows, num_kv_heads, reach, head_dim]
+    values: torch.Tensor
+    reach: int
 
 
 class PagedLayer(CacheLayerMixin):
@@ -36,38 +91,45 @@ class PagedLayer(CacheLayerMixin):
         self.num_written = 0  # tokens per row this layer has stored; lags the cache's length mid-forward
         self.bytes_per_token = 0
         self.use_triton = False
-        # The sliding window stock's cache keeps for this layer (None: the whole history). `from_model` reads it from
-        # the config; 0 (unknown) sends every step down the path that cuts the rows per attention module.
-        self.window: int | None = 0
+        # The sliding window stock's cache keeps for this layer (None: the whole history), once `from_model` has read
+        # it from the config. Unknown, every step takes the path that cuts rows per attention module.
+        self.stock_window: int | None = None
+        self.stock_window_known = False
         self._pool_blocks = -1  # blocks in this layer's pools; -1 before they exist
-        # Rows are handed to attention as views of the pools (see `update`) while the past is shorter than this.
-        self._views_below_past_len: float = 0
-        self._rows_views: tuple | None = None  # (tables array, K pool, K view, V view) of the last in-place step
+        self._views: _RowsViews | None = None
+
+    def set_stock_window(self, window: int | None) -> None:
+        self.stock_window, self.stock_window_known = window, True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: [num_rows, num_kv_heads, query_len, head_dim]
         _, num_kv_heads, _, head_dim = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
-        self.use_triton = uses_triton(self.cache.backend, self.device, self.cache.block_size)
-        self.bytes_per_token = 2 * num_kv_heads * head_dim * key_states.element_size()
+        block_size = self.cache.block_size
+        # Pools the kernels cannot serve (dtype, head_dim, a value head_dim of its own) take the PyTorch path: checked
+        # here once, so the kernels launch without per-call checks.
+        self.use_triton = uses_triton(self.cache.backend, self.device, block_size) and kernels_serve(
+            dtype=self.dtype, head_dim=head_dim, value_head_dim=value_states.shape[-1], block_size=block_size)
+        self.bytes_per_token = num_kv_heads * (head_dim + value_states.shape[-1]) * key_states.element_size()
         # Zeros, not empty: see `_grown`.
-        shape = (self.cache.allocator.capacity, self.cache.block_size, num_kv_heads, head_dim)
-        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.values = torch.zeros(shape, dtype=value_states.dtype, device=self.device)
-        self._pool_blocks = shape[0]
-        # The Triton kernels read the pools themselves; past a sliding window, stock's cache hands attention only the
-        # window, a cut `reference_on_rows` makes per attention module.
-        self._views_below_past_len = 0 if self.use_triton else math.inf if self.window is None else self.window
+        capacity = self.cache.allocator.capacity
+        self.keys = torch.zeros((capacity, block_size, num_kv_heads, head_dim), dtype=self.dtype, device=self.device)
+        self.values = torch.zeros((capacity, block_size, num_kv_heads, value_states.shape[-1]), dtype=value_states.dtype,
+                                  device=self.device)
+        self._pool_blocks = capacity
+        # Where attention has no paged work, rows are handed to it as views of the pools: not for the Triton kernels
+        # (they read the pools themselves), nor where stock's cache would have cut a sliding window that is unknown.
+        self._hands_rows_as_views = not self.use_triton and self.stock_window_known
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store `[num_rows, num_kv_heads, query_len, head_dim]` new K/V in the pools; return what attention reads.
 
         Where attention has no paged work to do, that is every row's K/V `[num_rows, num_kv_heads, seq_len, head_dim]`
-        as strided views of the pools, and the model's attention function runs stock's attention on them with no
-        per-layer glue: the rows' blocks are laid out regularly (`PagedStep.row_layout`), no shared prefix is to be
-        split off, the PyTorch backend serves the layer and no sliding-window cut applies. Otherwise it is the pools
-        themselves, carrying the step's metadata (`paged_step`, `paged_device_step`) for the attention function.
+        as views of the pools, and the model's attention function runs stock's attention on them with no per-layer
+        glue: the rows' blocks are laid out regularly (`PagedStep.row_layout`), no shared prefix is to be split off,
+        the PyTorch backend serves the layer and no sliding-window cut applies. Otherwise it is the pools themselves,
+        with a `PagedRead` handed over for the attention function.
         """
         step = self.cache.step_for(self, key_states.shape[0], key_states.shape[-2])
         if self._pool_blocks < step.pool_blocks:
@@ -77,22 +139,38 @@ class PagedLayer(CacheLayerMixin):
             copy_blocks(self.keys, self.values, device_step.copy_src, device_step.copy_dst, use_triton=self.use_triton)
         self.num_written = seq_len = step.seq_len
         past_len = step.past_len
-        if step.reads_rows_in_place and past_len < self._views_below_past_len:
-            # The views reach every row's blocks for as long as the pool and the tables array stay the same objects.
-            views = self._rows_views
-            if views is None or views[0] is not step.tables or views[1] is not self.keys:
-                views = self._rows_views = (step.tables, self.keys, step.rows_view(self.keys),
-                                            step.rows_view(self.values))
-            keys, values = views[2], views[3]
+        if step.reads_rows_in_place and self._hands_rows_as_views and (
+            self.stock_window is None or past_len < self.stock_window
+        ):
+            views = self._rows_views(step)
+            keys, values = views.keys, views.values
             keys[:, :, past_len:seq_len].copy_(key_states)
             values[:, :, past_len:seq_len].copy_(value_states)
             return keys[:, :, :seq_len], values[:, :, :seq_len]
         device_step = step.on(self.device)
         write_kv(_tokens_major(key_states), _tokens_major(value_states), self.keys, self.values,
                  device_step.slot_mapping, use_triton=self.use_triton)
-        for pool in (self.keys, self.values):
-            pool.paged_step, pool.paged_device_step, pool.paged_use_triton = step, device_step, self.use_triton
+        _handed_over.set(PagedRead(self, step, device_step))
         return self.keys, self.values
+
+    def rows(self, step: PagedStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's K and V [num_rows, num_kv_heads, seq_len, head_dim]: views of the pools when the rows' blocks
+        are laid out regularly, else gathered through the block tables."""
+        seq_len = step.seq_len
+        if step.row_layout is None:
+            tables = step.on(self.device).block_tables
+            return gather_rows(self.keys, tables, seq_len), gather_rows(self.values, tables, seq_len)
+        views = self._rows_views(step)
+        return views.keys[:, :, :seq_len], views.values[:, :, :seq_len]
+
+    def _rows_views(self, step: PagedStep) -> _RowsViews:
+        # Views reaching every block the rows can hold are kept: a decode step then only slices them.
+        views = self._views
+        if (views is None or views.key_pool is not self.keys or views.layout != step.row_layout
+                or views.num_rows != step.num_rows or views.reach < step.seq_len):
+            keys, values = step.rows_view(self.keys), step.rows_view(self.values)
+            views = self._views = _RowsViews(step.row_layout, step.num_rows, self.keys, keys, values, keys.shape[2])
+        return views
 
     def _provide_pools(self, key_states: torch.Tensor, value_states: torch.Tensor, num_blocks: int) -> None:
         if not self.is_initialized:
@@ -118,7 +196,7 @@ class PagedLayer(CacheLayerMixin):
     def release(self) -> None:
         self.keys = self.values = None
         self._pool_blocks = -1
-        self._rows_views = None
+        self._views = None
         self.is_initialized = False
         self.num_written = 0
 
@@ -160,18 +238,8 @@ class PagedCache(Cache):
         cache = cls(num_layers=text_config.num_hidden_layers, **kwargs)
         cache.model_config = text_config
         for layer, window in zip(cache.layers, stock_cache_windows(text_config)):
-            layer.window = window
+            layer.set_stock_window(window)
         return cache
-
-    def check_model_enabled(self) -> None:
-        from .attention import ATTENTION_NAMES
-
-        config = self.model_config
-        if config is not None and config._attn_implementation not in ATTENTION_NAMES:
-            raise ValueError(
-                f"PagedCache: the model runs {config._attn_implementation!r} attention, which cannot read the cache's "
-                f"block pools. Call `enable_paged_cache(model)` before generating with a PagedCache."
-            )
 
     def __init__(self, *, num_layers: int, block_size: int = 16, max_blocks: int | None = None, backend: str = "auto"):
         self.block_size = block_size
@@ -192,6 +260,11 @@ class PagedCache(Cache):
         self.prefill_rows: int | None = None
         super().__init__(layers=[PagedLayer(self) for _ in range(num_layers)])
 
+    @property
+    def current_step(self) -> PagedStep | None:
+        """The metadata of the latest forward (its block tables, copy-on-write copies, groups), or None."""
+        return self._step
+
     def step_for(self, layer: PagedLayer, num_rows: int, query_len: int) -> PagedStep:
         """The current forward's step; planned (blocks allocated, copies decided) by its first layer to ask."""
         if layer.num_written == self.tables.seq_len:
@@ -205,22 +278,27 @@ class PagedCache(Cache):
 
     def _plan(self, num_rows: int, query_len: int) -> PagedStep:
         if self.tables.seq_len == 0:  # a call's first forward
-            self.check_model_enabled()
+            if self.model_config is not None and not runs_paged_attention(self.model_config):
+                raise ValueError(
+                    f"PagedCache: the model runs {implementation_of(self.model_config)!r} attention, which cannot read "
+                    f"the cache's block pools. Call `enable_paged_cache(model)` before generating with a PagedCache."
+                )
             if self.tables.num_rows != num_rows:
                 self._note_peaks()
                 self.tables.free()
                 self.tables = BlockTables(self.allocator, num_rows=num_rows)
             if self.expected_seq_len:
-                self.tables.row_stride = -(-self.expected_seq_len // self.block_size)
+                self.tables.row_stride = cdiv(self.expected_seq_len, self.block_size)
         if num_rows != self.tables.num_rows:
             raise ValueError(
                 f"PagedCache holds {self.tables.num_rows} rows but the forward has {num_rows}; reorder or select rows "
                 f"with `reorder_cache` / `batch_select_indices` before changing the batch."
             )
         past_len = self.tables.seq_len
-        plan = self.tables.append(query_len)
-        self._step = PagedStep(past_len, query_len, self.block_size, self.tables.tables, plan, self.allocator.capacity,
-                               self.tables.shared, self._tables_memo)
+        copies = self.tables.append(query_len)
+        self._step = PagedStep(past_len=past_len, query_len=query_len, block_size=self.block_size,
+                               tables=self.tables.tables, copies=copies, pool_blocks=self.allocator.capacity,
+                               shared=self.tables.shared, memo=self._tables_memo)
         return self._step
 
     def _note_peaks(self) -> None:
@@ -262,14 +340,9 @@ class PagedCache(Cache):
         self.tables.fork(repeats)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """`crop(-n)` forgets the last n tokens of every row; blocks left empty are freed.
-
-        A positive argument is the length to keep (the older convention transformers < 5.18 still uses).
-        """
-        tokens_to_remove = int(tokens_to_remove)  # 5.17's assisted decoding passes a 0-d tensor
-        new_len = tokens_to_remove if tokens_to_remove > 0 else self.tables.seq_len + tokens_to_remove
+        """`crop(-n)` forgets the last n tokens of every row; blocks left empty are freed."""
         self._note_peaks()
-        self.tables.crop(max(new_len, 0))
+        self.tables.crop(length_after_crop(tokens_to_remove, self.tables.seq_len))
         for layer in self.layers:
             layer.num_written = min(layer.num_written, self.tables.seq_len)
 

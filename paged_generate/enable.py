@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
-import sys
-
 import torch
 
-from .attention import ATTENTION_NAME, register_attention
-from .backend import check_backend
+from .attention import register_attention
+from .backend import backend_problem
+from .blocks import block_size_problem
 from .errors import UnsupportedModelError
-from .fallback_attention import attention_name_for, family_eager
 from .patches import generate as generate_patch
+from .patches.attention_impl import implementation_of, paged_name_for, switch_attention
+from .patches.model_checks import family_eager, keeps_recurrent_state, uses_attention_registry
 from .stats import CacheStats
 
 __all__ = ["cache_stats", "disable_paged_cache", "enable_paged_cache", "is_paged_cache_enabled"]
@@ -55,7 +54,9 @@ def enable_paged_cache(
     0.78
     """
     _check_settings(block_size, max_blocks, max_cache_bytes)
-    check_backend(backend, block_size)
+    problem = backend_problem(backend, block_size)
+    if problem:
+        raise ValueError(f"enable_paged_cache: {problem}.")
     _check_supported(model)
     if max_cache_bytes is not None:
         per_block = block_size * _bytes_per_token(model)
@@ -70,11 +71,11 @@ def enable_paged_cache(
         max_blocks=max_blocks,
         backend=backend,
         original_attn_implementation=(
-            previous.original_attn_implementation if previous else model.config._attn_implementation
+            previous.original_attn_implementation if previous else implementation_of(model.config)
         ),
     )
     if previous is None:
-        _switch_attention(model, attention_name_for(state.original_attn_implementation, ATTENTION_NAME))
+        _switch_attention(model, paged_name_for(state.original_attn_implementation))
     setattr(model, _STATE_ATTR, state)
     generate_patch.install(model, state)
     return model
@@ -97,22 +98,27 @@ def is_paged_cache_enabled(model: torch.nn.Module) -> bool:
 
 def cache_stats(model: torch.nn.Module) -> CacheStats:
     """Figures of the most recent `generate()` on an enabled model (see `CacheStats`)."""
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        raise ValueError("cache_stats: this model is not enabled; call `enable_paged_cache(model)` first.")
+    state = plugin_state(model, "cache_stats")
     if state.last_stats is None:
         raise ValueError("cache_stats: no generate() call has finished on this model since it was enabled.")
     return state.last_stats
+
+
+def plugin_state(model: torch.nn.Module, caller: str) -> generate_patch.PluginState:
+    """The enabled model's plugin state; `caller` names the public function refusing a model that is not enabled."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"{caller}: this model is not enabled; call `enable_paged_cache(model)` first.")
+    return state
 
 
 def _check_settings(block_size, max_blocks, max_cache_bytes) -> None:
     for name, value in (("block_size", block_size), ("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"enable_paged_cache: `{name}` must be an int, got {type(value).__name__} ({value!r}).")
-    if not 1 <= block_size <= 256 or block_size & (block_size - 1):
-        raise ValueError(
-            f"enable_paged_cache: block_size={block_size} must be a power of two between 1 and 256 (16 is the default)."
-        )
+    problem = block_size_problem(block_size)
+    if problem:
+        raise ValueError(f"enable_paged_cache: {problem}.")
     for name, value in (("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes)):
         if value is not None and value <= 0:
             raise ValueError(f"enable_paged_cache: `{name}` must be positive, or None for no cap; got {value}.")
@@ -128,7 +134,7 @@ def _check_supported(model) -> None:
             f"{name} is an encoder-decoder model: its decoder also attends to the encoder's output through a cache "
             f"of its own. {SUPPORTED_MODELS_HINT}"
         )
-    if hasattr(model, "_supports_default_dynamic_cache") and not model._supports_default_dynamic_cache():
+    if keeps_recurrent_state(model):
         raise UnsupportedModelError(f"{name} keeps a cache of its own (recurrent state). {SUPPORTED_MODELS_HINT}")
     text_config = config.get_text_config(decoder=True)
     layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
@@ -138,12 +144,12 @@ def _check_supported(model) -> None:
             f"linear attention) state or attention patterns other than full and sliding-window, which a KV block "
             f"cache cannot hold. {SUPPORTED_MODELS_HINT}"
         )
-    if not _uses_attention_registry(type(model)):
+    if not uses_attention_registry(type(model)):
         raise UnsupportedModelError(
             f"{name}'s attention does not go through transformers' attention registry (it computes attention itself, "
             f"e.g. with ALiBi biases), so it would never read the paged cache's blocks. {SUPPORTED_MODELS_HINT}"
         )
-    if config._attn_implementation == "eager" and family_eager(type(model)) is None:
+    if implementation_of(config) == "eager" and family_eager(type(model)) is None:
         raise UnsupportedModelError(
             f"{name} runs eager attention, which the plugin reproduces with the `eager_attention_forward` of the "
             f"model's modeling file, and that file has none. Load the model with attn_implementation='sdpa'. "
@@ -151,31 +157,12 @@ def _check_supported(model) -> None:
         )
 
 
-def _uses_attention_registry(cls) -> bool:
-    """Whether the model's attention layers call the function registered for `config._attn_implementation`.
-
-    `_supports_attention_backend` says so; some families (StableLM) use the registry without setting that flag, so
-    the modeling source is read as transformers' own `_can_set_attn_implementation` does, but a module without any
-    registry call is not given the benefit of the doubt.
-    """
-    if getattr(cls, "_supports_attention_backend", False):
-        return True
-    try:
-        source = inspect.getsource(sys.modules[cls.__module__])
-    except (KeyError, OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS.get_interface(" in source
-
-
 def _switch_attention(model, name: str) -> None:
     """Set the model's attention to `name`, or refuse (model unchanged) where transformers would not switch it."""
-    original = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:
-        model.set_attn_implementation(original)
+    if not switch_attention(model, name):
         raise UnsupportedModelError(
             f"{type(model).__name__} did not switch its attention to {name!r} (it kept "
-            f"{model.config._attn_implementation!r}): transformers cannot set its attention dynamically. "
+            f"{implementation_of(model.config)!r}): transformers cannot set its attention dynamically. "
             f"{SUPPORTED_MODELS_HINT}"
         )
 

@@ -1,8 +1,12 @@
-"""KV writes and block copies on the pools, dispatched to the Triton kernels or to PyTorch."""
+"""KV writes and block copies on a layer's pools, by the Triton kernels or by PyTorch.
+
+The pools were validated when the layer created them, so the kernels launch without their per-call checks."""
 
 from __future__ import annotations
 
 import torch
+
+from . import kernels
 
 __all__ = ["copy_blocks", "write_kv"]
 
@@ -10,9 +14,7 @@ __all__ = ["copy_blocks", "write_kv"]
 def write_kv(key, value, key_cache, value_cache, slot_mapping, *, use_triton: bool = False) -> None:
     """key, value: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]."""
     if use_triton:
-        from . import kernels
-
-        return kernels.write_kv(key, value, key_cache, value_cache, slot_mapping)
+        return kernels.launch_write_kv(key, value, key_cache, value_cache, slot_mapping)
     key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key)
     value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value)
 
@@ -20,8 +22,6 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping, *, use_triton: bo
 def copy_blocks(key_cache, value_cache, src: torch.Tensor, dst: torch.Tensor, *, use_triton: bool = False) -> None:
     """Copy whole blocks src[i] -> dst[i] of both pools (one launch with the kernels, one indexed copy per pool else)."""
     if use_triton:
-        from . import kernels
-
-        return kernels.copy_blocks(key_cache, value_cache, src, dst)
+        return kernels.launch_copy_blocks(key_cache, value_cache, src, dst)
     key_cache.index_copy_(0, dst, key_cache.index_select(0, src))
     value_cache.index_copy_(0, dst, value_cache.index_select(0, src))

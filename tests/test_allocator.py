@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from paged_generate import BlockAllocator, BlockTables, OutOfBlocksError
+from paged_generate.step import PagedStep
 
 
 def table_reference_counts(tables: BlockTables) -> np.ndarray:
@@ -81,10 +82,12 @@ def test_select_repeats_and_drops_rows():
 
 def test_slot_mapping_points_into_each_rows_blocks():
     tables = BlockTables(BlockAllocator(block_size=4), num_rows=2)
-    plan = tables.append(6)
+    copies = tables.append(6)
+    step = PagedStep(past_len=0, query_len=6, block_size=4, tables=tables.tables, copies=copies,
+                     pool_blocks=tables.allocator.capacity)
     for row in range(2):
         expected = [tables.tables[row, p // 4] * 4 + p % 4 for p in range(6)]
-        assert plan.slot_mapping[row].tolist() == expected
+        assert step.slot_mapping[row].tolist() == expected
 
 
 def test_crop_releases_emptied_blocks():

@@ -9,6 +9,7 @@ from paged_generate import (
     PagedCache,
     UnsupportedModelError,
     cache_stats,
+    capture_caches,
     disable_paged_cache,
     enable_paged_cache,
     is_paged_cache_enabled,
@@ -52,18 +53,15 @@ def test_prompt_forward_runs_once_per_distinct_prompt(model):
 
 
 def test_blocks_all_free_after_generate_and_pools_dropped(model):
-    created = []
     enable_paged_cache(model)
     try:
-        state = model._paged_generate_state
-        original_new_cache = state.new_cache
-        state.new_cache = lambda m: created.append(original_new_cache(m)) or created[-1]
         input_ids, attention_mask = left_padded_prompts((20, 9))
-        model.generate(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=0, max_new_tokens=10,
-                       num_beams=3)
+        with capture_caches(model) as captured:
+            model.generate(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=0, max_new_tokens=10,
+                           num_beams=3)
     finally:
         disable_paged_cache(model)
-    (cache,) = created
+    (cache,) = captured.caches
     assert cache.allocator.num_used == 0 and cache.allocator.peak_used > 0
     assert all(layer.keys is None for layer in cache.layers)
 
@@ -178,9 +176,9 @@ def test_max_cache_bytes_becomes_a_block_cap(model):
     per_block = 16 * 2 * 2 * 16 * 4 * model.config.num_hidden_layers
     enable_paged_cache(model, max_cache_bytes=10 * per_block + 1)
     try:
-        assert model._paged_generate_state.max_blocks == 10
-        with pytest.raises(OutOfBlocksError, match="max_blocks=10"):
+        with pytest.raises(OutOfBlocksError, match="max_blocks=10") as error:
             model.generate(torch.randint(3, 90, (1, 100)), max_new_tokens=80, num_beams=4, pad_token_id=0)
+        assert error.value.max_blocks == 10
     finally:
         disable_paged_cache(model)
 

@@ -33,7 +33,7 @@ from transformers import (
 from family_models import BY_NAME, left_padded_prompts
 from helpers import generate_both, sequences
 from paged_generate import PagedCache, cache_stats, disable_paged_cache, enable_paged_cache
-from paged_generate.cache import PagedLayer
+from paged_generate.cache import PagedLayer, paged_read_of
 from paged_generate.patches.compat import CACHE_KWARG
 
 SENTENCES = [
@@ -169,7 +169,7 @@ def test_layer_pools_follow_their_own_kv_device_and_dtype():
         assert isinstance(layer, PagedLayer)
         assert keys.device.type == values.device.type == device and keys.dtype == values.dtype == dtype
         assert keys.shape[1:] == (4, 2, 8)  # [num_blocks, block_size, num_kv_heads, head_dim]
-        assert keys.paged_device_step.slot_mapping.device.type == device  # metadata on the layer's device too
+        assert paged_read_of(keys).device_step.slot_mapping.device.type == device  # metadata on the layer's device
     assert cache.get_seq_length() == 6
 
 

@@ -146,7 +146,7 @@ def test_distinguishing_features_change_the_tokens_and_stay_identical(name, buil
 def test_eager_models_keep_eager_attention_under_the_plugin():
     """A model loaded with eager attention is served by its own eager function, as stock would (not by SDPA)."""
     from paged_generate import disable_paged_cache
-    from paged_generate.fallback_attention import ATTENTION_NAME_EAGER
+    from paged_generate.patches.attention_impl import ATTENTION_NAME_EAGER
 
     model = _eager(BY_NAME["Llama"].build())
     enable_paged_cache(model)

@@ -86,17 +86,18 @@ def test_prompt_crossing_many_blocks(model):
 
 
 def test_shared_prefix_path_runs_and_groups_match_tables(model, monkeypatch):
-    import paged_generate.attention as attention
+    import paged_generate.attention.dispatch as attention
 
     seen = []
     original = attention._shared_prefix_forward
 
-    def spy(module, query, key_pool, value_pool, attention_mask, step, scaling):
+    def spy(module, query, read, attention_mask, scaling):
+        step = read.step
         shared = step.shared
-        prefix = step.tables[:, : shared.num_blocks].reshape(-1, shared.group_size, shared.num_blocks)
+        prefix = step.tables[:, : shared.num_blocks].reshape(-1, shared.uniform_size, shared.num_blocks)
         assert (prefix == prefix[:, :1]).all(), "rows of a group must hold the same leading blocks"
-        seen.append((shared.group_size, shared.num_blocks))
-        return original(module, query, key_pool, value_pool, attention_mask, step, scaling)
+        seen.append((shared.uniform_size, shared.num_blocks))
+        return original(module, query, read, attention_mask, scaling)
 
     monkeypatch.setattr(attention, "_shared_prefix_forward", spy)
     for kwargs in (dict(num_beams=4), dict(do_sample=True, num_return_sequences=3)):

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from paged_generate import OutOfBlocksError, PagedCache
-from paged_generate.attention import gather_kv
+from paged_generate.cache import paged_read_of
+from paged_generate.layout import gather_rows as gather_kv
 
 settings.register_profile(
     "ci", max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -38,7 +39,7 @@ class PagedCacheMachine(RuleBasedStateMachine):
         # rows can reach attention as views of the pools.
         self.cache.expected_seq_len = expected_seq_len
         for layer in self.cache.layers:
-            layer.window = None
+            layer.set_stock_window(None)
         self.rows = rows
         # reference[layer] = (K, V) each [rows, seq_len, heads, head_dim]
         self.reference = [(torch.zeros(rows, 0, HEADS, HEAD_DIM),) * 2 for _ in range(NUM_LAYERS)]
@@ -55,7 +56,10 @@ class PagedCacheMachine(RuleBasedStateMachine):
         shared_before = self._snapshot_shared_blocks()
         new = [(self._fresh(self.rows, tokens), self._fresh(self.rows, tokens)) for _ in range(NUM_LAYERS)]
         try:
-            returned = [self.cache.update(k, v, layer) for layer, (k, v) in enumerate(new)]
+            returned = []
+            for layer, (k, v) in enumerate(new):
+                keys, values = self.cache.update(k, v, layer)
+                returned.append((keys, values, paged_read_of(keys) is not None))
         except OutOfBlocksError:
             assert all(layer.num_written == self.cache.get_seq_length() for layer in self.cache.layers)
             return
@@ -64,8 +68,8 @@ class PagedCacheMachine(RuleBasedStateMachine):
             for (rk, rv), (k, v) in zip(self.reference, new)
         ]
         # What attention gets: the pools with the step, or every row's K/V [rows, heads, seq_len, head_dim] as views.
-        for (keys, values), (ref_k, ref_v) in zip(returned, self.reference):
-            if not hasattr(keys, "paged_step"):
+        for (keys, values, pools), (ref_k, ref_v) in zip(returned, self.reference):
+            if not pools:
                 assert torch.equal(keys.transpose(1, 2), ref_k) and torch.equal(values.transpose(1, 2), ref_v)
         # Blocks shared before and after the step were not written: writes go to each row's exclusive tail.
         for layer, blocks, keys in shared_before:

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-import paged_generate.attention as attention_module
-import paged_generate.fallback_attention as fallback_module
+import paged_generate.attention.dispatch as attention_module
+import paged_generate.attention.stock as stock_module
 from helpers import generate_both
 from paged_generate import PagedCache, disable_paged_cache, enable_paged_cache
-from paged_generate.attention import gather_kv
-from paged_generate.block_tables import AppendPlan
+from paged_generate.blocks.tables import NO_COPIES
+from paged_generate.cache import paged_read_of
+from paged_generate.layout import gather_rows as gather_kv
 from paged_generate.step import PagedStep
 from paged_generate.patches.compat import CACHE_KWARG
 from tiny_models import tiny_model
@@ -24,21 +25,23 @@ def model():
 @pytest.fixture
 def keys_seen(monkeypatch):
     """The K tensors the model handed the plugin's attention function ("entry": enable_paged_cache registers the
-    module's function, patched here) and those it handed stock's attention ("stock")."""
-    seen = {"entry": [], "stock": []}
+    module's function, patched here), whether each came with a paged read, i.e. was a layer's pools ("pools"), and
+    the K tensors handed to stock's attention ("stock")."""
+    seen = {"entry": [], "pools": [], "stock": []}
 
     def recording_entry(module, query, key, *args, **kwargs):
         seen["entry"].append(key)
+        seen["pools"].append(paged_read_of(key) is not None)
         return entry(module, query, key, *args, **kwargs)
 
-    def recording_stock(reference, module, query, key, *args, **kwargs):
+    def recording_stock(implementation, module, query, key, *args, **kwargs):
         seen["stock"].append(key)
-        return stock(reference, module, query, key, *args, **kwargs)
+        return stock(implementation, module, query, key, *args, **kwargs)
 
-    entry, stock = attention_module.paged_attention_forward, fallback_module.reference_attention
+    entry = attention_module.paged_attention_forward
+    stock = stock_module.stock_attention
     monkeypatch.setattr(attention_module, "paged_attention_forward", recording_entry)
-    monkeypatch.setattr(attention_module, "reference_attention", recording_stock)
-    monkeypatch.setattr(fallback_module, "reference_attention", recording_stock)
+    monkeypatch.setattr(stock_module, "stock_attention", recording_stock)
     # The plain-K/V shortcut of the SDPA entry calls transformers' function directly.
     monkeypatch.setattr(attention_module, "sdpa_attention_forward",
                         lambda module, query, key, *args, **kwargs: recording_stock("sdpa", module, query, key, *args,
@@ -78,8 +81,8 @@ def test_a_lone_row_reaches_attention_as_views_of_the_pool(model, keys_seen):
     _generate_matching_stock(model, cache, input_ids, max_new_tokens=30, min_new_tokens=30)
     # The layer hands attention each row's K as a view of its pool: no gather, no block tables to read.
     assert len(keys_seen["entry"]) == 30 * model.config.num_hidden_layers
-    for key in keys_seen["entry"]:
-        assert _reads_pool(key, cache) and key.shape[0] == 1 and not hasattr(key, "paged_step")
+    for key, pools in zip(keys_seen["entry"], keys_seen["pools"]):
+        assert _reads_pool(key, cache) and key.shape[0] == 1 and not pools
 
 
 def test_scattered_blocks_are_gathered_and_give_stock_tokens(model, keys_seen):
@@ -92,7 +95,7 @@ def test_scattered_blocks_are_gathered_and_give_stock_tokens(model, keys_seen):
     _generate_matching_stock(model, cache, input_ids, max_new_tokens=30, min_new_tokens=30)
     assert cache.tables.tables.shape == (1, 5) and cache.tables.tables.tolist() != [[0, 1, 2, 3, 4]]
     # Attention gets the pools with the step and hands stock's function K gathered through the tables.
-    assert all(hasattr(key, "paged_step") for key in keys_seen["entry"])
+    assert all(keys_seen["pools"])
     assert keys_seen["stock"] and not any(_reads_pool(key, cache) for key in keys_seen["stock"])
 
 
@@ -103,7 +106,7 @@ def test_regular_rows_side_by_side_are_read_in_place(model, keys_seen):
     _keep_pools(cache)
     _generate_matching_stock(model, cache, input_ids, max_new_tokens=10, min_new_tokens=10)
     assert cache.tables.tables.tolist() == [[0, 1], [2, 3], [4, 5]]
-    assert all(_reads_pool(key, cache) and not hasattr(key, "paged_step") for key in keys_seen["entry"])
+    assert all(_reads_pool(key, cache) and not pools for key, pools in zip(keys_seen["entry"], keys_seen["pools"]))
 
 
 @pytest.mark.parametrize("from_model", [True, False], ids=["from_model", "bare"])
@@ -117,7 +120,7 @@ def test_sliding_window_layers_past_the_window_take_the_cutting_path(from_model,
     cache = PagedCache.from_model(model) if from_model else PagedCache(num_layers=model.config.num_hidden_layers)
     _generate_matching_stock(model, cache, input_ids, **kwargs)
     layers = model.config.num_hidden_layers
-    as_views = [not hasattr(key, "paged_step") for key in keys_seen["entry"]]
+    as_views = [not pools for pools in keys_seen["pools"]]
     past_lens = [0] * layers + [12 + step for step in range(29) for _ in range(layers)]  # prompt, then decode steps
     if from_model:
         assert as_views == [past_len < 24 for past_len in past_lens]
@@ -130,8 +133,7 @@ def test_rows_spaced_wider_than_their_runs_are_viewed_within_the_pool():
     # Rows holding blocks 0, 5 and 10 are regular (stride 5) though each holds one block; a pool of 11 blocks ends
     # with the last row's block, so a view reaching 5 blocks per row would run past it.
     tables = np.array([[0], [5], [10]])
-    plan = AppendPlan(np.zeros(0, np.int64), np.zeros(0, np.int64), tables, start=11, num_tokens=1, block_size=16)
-    step = PagedStep(11, 1, 16, tables, plan, pool_blocks=11)
+    step = PagedStep(past_len=11, query_len=1, block_size=16, tables=tables, copies=NO_COPIES, pool_blocks=11)
     pool = torch.randn(11, 16, 2, 8)
     assert step.row_layout == (0, 5) and step.reads_rows_in_place
     assert torch.equal(step.rows_view(pool)[:, :, :12], gather_kv(pool, torch.from_numpy(tables), 12))
@@ -146,7 +148,7 @@ def test_prompts_sharing_nothing_grow_in_runs_and_stay_views(model, keys_seen):
     assert torch.equal(stock, paged)
     assert stats.peak_blocks == 3 * 4  # 59 tokens per row: 4 blocks each, no more held
     assert len(keys_seen["entry"]) == 40 * model.config.num_hidden_layers
-    assert not any(hasattr(key, "paged_step") for key in keys_seen["entry"])
+    assert not any(keys_seen["pools"])
 
 
 def test_rows_outgrowing_their_runs_fall_back_to_gathering(model, keys_seen):
@@ -156,6 +158,6 @@ def test_rows_outgrowing_their_runs_fall_back_to_gathering(model, keys_seen):
     _keep_pools(cache)
     _generate_matching_stock(model, cache, input_ids, max_new_tokens=40, min_new_tokens=40)
     assert cache.tables.tables[:, :2].tolist() == [[0, 1], [2, 3], [4, 5]]
-    as_views = [not hasattr(key, "paged_step") for key in keys_seen["entry"]]
+    as_views = [not pools for pools in keys_seen["pools"]]
     assert any(as_views) and not all(as_views)
     assert cache.allocator.num_used == 3 * 4

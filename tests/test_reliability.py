@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from paged_generate import cache_stats, disable_paged_cache, enable_paged_cache
+from paged_generate import cache_stats, capture_caches, disable_paged_cache, enable_paged_cache
 from paged_generate.cache import PagedCache
 from tiny_models import left_padded_prompts, tiny_model
 
@@ -18,15 +18,6 @@ def model():
     model = tiny_model("llama")
     yield model
     disable_paged_cache(model)
-
-
-def _track_caches(model):
-    """Record every PagedCache the enabled model creates."""
-    state = model._paged_generate_state
-    created = []
-    original = state.new_cache
-    state.new_cache = lambda m: created.append(original(m)) or created[-1]
-    return created
 
 
 class Boom(Exception):
@@ -65,11 +56,11 @@ class RaisingProcessor(LogitsProcessor):
 )
 def test_interrupted_call_frees_everything_and_model_works(model, make_kwargs, error):
     enable_paged_cache(model)
-    created = _track_caches(model)
     input_ids, attention_mask = left_padded_prompts((12, 8))
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=0, max_new_tokens=12, num_beams=4)
-    with pytest.raises(error):
+    with capture_caches(model) as captured, pytest.raises(error):
         model.generate(**kwargs, **make_kwargs())
+    created = captured.caches
     assert created and all(cache.allocator.num_used == 0 for cache in created)
     assert all(layer.keys is None for cache in created for layer in cache.layers)
     paged = model.generate(**kwargs)
@@ -89,7 +80,6 @@ def _plugin_objects():
 
 def test_long_life_returns_to_baseline(model):
     enable_paged_cache(model)
-    created = _track_caches(model)
     configs = [dict(num_beams=4), dict(do_sample=True, num_return_sequences=3), dict(), dict(num_beams=2,
                num_return_sequences=2), dict(do_sample=True, num_return_sequences=6, top_k=10)]
 
@@ -100,13 +90,13 @@ def test_long_life_returns_to_baseline(model):
 
     for i in range(20):  # warm up allocator arenas before taking the baseline
         call(i)
-    created.clear()
     baseline_rss, baseline_objects = _rss_kib(), _plugin_objects()
-    for i in range(200):
-        call(i)
-        assert created[-1].allocator.num_used == 0
-        assert all(layer.keys is None for layer in created[-1].layers)
-    created.clear()
+    with capture_caches(model) as captured:
+        for i in range(200):
+            call(i)
+            assert captured.caches[-1].allocator.num_used == 0
+            assert all(layer.keys is None for layer in captured.caches[-1].layers)
+    captured.caches.clear()
     assert _plugin_objects() <= baseline_objects
     grown_mib = (_rss_kib() - baseline_rss) / 1024
     assert grown_mib < 20, f"process memory grew by {grown_mib:.1f} MiB over 200 calls"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from paged_generate.shared_prefix import shared_prefix_attention
+from paged_generate.attention.shared_prefix import shared_prefix_attention
 
 
 def _random_layout(seed, num_groups, max_members, max_prefix_blocks, block_size, ragged=True):

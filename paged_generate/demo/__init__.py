@@ -1,6 +1,6 @@
 """The demo behind `paged-generate demo` and the notebooks: the embedded model, measurements, figures."""
 
-from .measure import KVTrace, MemoryProbe, capture_caches, compare, generate_kwargs, kv_snapshot, run_generate
+from .measure import KVTrace, MemoryProbe, compare, generate_kwargs, kv_snapshot, run_generate
 from .model import DEFAULT_MODEL_DIR, PROMPTS, load_model
 
 __all__ = [
@@ -8,7 +8,6 @@ __all__ = [
     "PROMPTS",
     "KVTrace",
     "MemoryProbe",
-    "capture_caches",
     "compare",
     "generate_kwargs",
     "kv_snapshot",

@@ -7,7 +7,6 @@ dense equivalent rows x length x bytes per token).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -27,7 +26,6 @@ __all__ = [
     "GenerateRun",
     "KVTrace",
     "MemoryProbe",
-    "capture_caches",
     "compare",
     "generate_kwargs",
     "kv_snapshot",
@@ -111,29 +109,6 @@ class KVTrace:
     @property
     def peak_kv_bytes(self) -> int:
         return max((step["kv_bytes"] for step in self.steps), default=0)
-
-
-@contextlib.contextmanager
-def capture_caches(model):
-    """Collect the `PagedCache` each generate() call on an enabled model creates (the trick of tests/test_cache.py).
-
-    >>> with capture_caches(model) as caches:
-    ...     model.generate(...)
-    >>> caches[0].allocator.peak_used
-    """
-    state = model._paged_generate_state
-    original = state.new_cache
-    created: list[PagedCache] = []
-
-    def new_cache(m):
-        created.append(original(m))
-        return created[-1]
-
-    state.new_cache = new_cache
-    try:
-        yield created
-    finally:
-        state.new_cache = original
 
 
 # --- process memory --------------------------------------------------------------------------------------------

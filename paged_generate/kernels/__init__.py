@@ -14,23 +14,32 @@ from __future__ import annotations
 import importlib
 
 from ._triton import is_interpreting, triton_available
+from .grouping import GroupMembers, group_members
+from .limits import MAX_BLOCK_SIZE, MAX_HEAD_DIM, MIN_BLOCK_SIZE, SUPPORTED_DTYPES, kernels_serve
 from .reference import copy_blocks_reference, paged_attention_reference, write_kv_reference
 
 # Function name -> submodule. Submodules are named apart from the functions so that importing
 # a submodule never replaces the package's function attribute of the same name.
 _LAZY = {
     "paged_attention": ".attention",
+    "launch_paged_attention": ".attention",
+    "launch_write_kv": ".cache_write",
+    "launch_copy_blocks": ".block_copy",
+    "launch_shared_prefix_paged_attention": ".shared_prefix",
     "choose_num_splits": ".attention",
     "write_kv": ".cache_write",
     "copy_blocks": ".block_copy",
     "shared_prefix_paged_attention": ".shared_prefix",
-    "group_members": ".shared_prefix",
     "shared_prefix_paged_attention_reference": ".shared_prefix_reference",
     "full_block_tables": ".shared_prefix_reference",
 }
 
 __all__ = [
     "paged_attention",
+    "launch_paged_attention",
+    "launch_write_kv",
+    "launch_copy_blocks",
+    "launch_shared_prefix_paged_attention",
     "write_kv",
     "copy_blocks",
     "paged_attention_reference",
@@ -39,8 +48,10 @@ __all__ = [
     "choose_num_splits",
     "shared_prefix_paged_attention",
     "group_members",
+    "GroupMembers",
     "shared_prefix_paged_attention_reference",
     "full_block_tables",
+    "kernels_serve",
     "triton_available",
     "is_interpreting",
 ]

@@ -12,11 +12,10 @@ import torch
 
 from ._triton import check_launchable, kernel_is_interpreted, multiprocessor_count, next_power_of_2, tl, triton
 from .bf16 import round_to_bf16
+from .limits import MAX_BLOCK_SIZE, MAX_HEAD_DIM, MIN_BLOCK_SIZE, SUPPORTED_DTYPES
 from .split_reduce import split_reduce
 from .tiles import attend_tiles, split_tiles
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 MAX_SPLITS = 64  # cap of the automatic choice
 MAX_FORCED_SPLITS = 1024  # the reduce kernel loads a head's split maxima as one tile
 # Below this many keys per split the partial write + reduce costs more than the parallelism buys.
@@ -197,7 +196,7 @@ def choose_num_splits(num_programs: int, max_kv_len: int, device: torch.device) 
     sm_count = multiprocessor_count(device)
     if num_programs >= sm_count:
         return 1
-    wanted = -(-2 * sm_count // num_programs)  # about two waves
+    wanted = triton.cdiv(2 * sm_count, num_programs)  # about two waves
     worthwhile = max(1, max_kv_len // MIN_KEYS_PER_SPLIT)
     return max(1, min(wanted, worthwhile, MAX_SPLITS))
 
@@ -225,8 +224,8 @@ def _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, kv_star
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if block_size & (block_size - 1) or not 8 <= block_size <= 256:
-        raise ValueError(f"block_size must be a power of two in [8, 256], got {block_size}")
+    if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {block_size}")
     if key_cache.stride(-1) != 1:
         raise ValueError("the cache's head_dim must be contiguous")
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != num_rows:
@@ -266,11 +265,18 @@ def paged_attention(
     flash-decoding); by default it is chosen from the grid size and an SM count.
     """
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, kv_start, scale, sliding_window, softcap)
-    num_rows, num_q_heads, query_len, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = key_cache.shape
     tensors = [query, key_cache, value_cache, block_tables, seq_lens] + ([kv_start] if kv_start is not None else [])
     check_launchable(_paged_attention_kernel, *tensors)
+    return launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, scale=scale,
+                                  kv_start=kv_start, sliding_window=sliding_window, softcap=softcap,
+                                  num_splits=num_splits)
 
+
+def launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale, kv_start=None,
+                           sliding_window=None, softcap=None, num_splits=None) -> torch.Tensor:
+    """``paged_attention`` without its argument checks, for callers that validated the shapes once per step."""
+    num_rows, num_q_heads, query_len, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
     out = torch.empty(num_rows, query_len, num_q_heads, head_dim, dtype=query.dtype, device=query.device)
     if out.numel() == 0:
         return out
@@ -292,7 +298,7 @@ def paged_attention(
         split=False,
         emulate_bf16=query.dtype == torch.bfloat16 and kernel_is_interpreted(_paged_attention_kernel),
     )
-    num_q_blocks = -(-query_len // meta["BLOCK_Q"])
+    num_q_blocks = triton.cdiv(query_len, meta["BLOCK_Q"])
     if num_splits is None:
         num_splits = 1
         if num_q_blocks == 1:  # decode-like; prefill has enough programs already

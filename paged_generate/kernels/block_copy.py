@@ -47,10 +47,15 @@ def copy_blocks(
             f"src/dst must be int64 [n], got {src.dtype} {tuple(src.shape)}, {dst.dtype} {tuple(dst.shape)}"
         )
     check_launchable(_copy_blocks_kernel, key_cache, value_cache, src, dst)
+    launch_copy_blocks(key_cache, value_cache, src, dst)
+
+
+def launch_copy_blocks(key_cache, value_cache, src, dst) -> None:
+    """``copy_blocks`` without its argument checks, for callers that validated the shapes once per step."""
     block_numel = key_cache[0].numel() if key_cache.shape[0] else 0
     if src.numel() == 0 or block_numel == 0:
         return
-    grid = (src.numel(), -(-block_numel // CHUNK))
+    grid = (src.numel(), triton.cdiv(block_numel, CHUNK))
     _copy_blocks_kernel[grid](
         key_cache, value_cache, src.contiguous(), dst.contiguous(), block_numel, CHUNK=CHUNK, num_warps=4
     )

@@ -77,6 +77,13 @@ def write_kv(
             f"slot_mapping must be int64 [{num_tokens}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
         )
     check_launchable(_write_kv_kernel, key, value, key_cache, value_cache, slot_mapping)
+    launch_write_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+def launch_write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """``write_kv`` without its argument checks, for callers that validated the shapes once per step."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    block_size = key_cache.shape[1]
     if num_tokens == 0 or num_kv_heads == 0:
         return
     slot_mapping = slot_mapping.contiguous()

@@ -19,13 +19,12 @@ Partial states use ``split_reduce``'s layout ``[num_rows, 1, num_q_heads, num_sl
 slots ``[0, prefix_splits)`` belong to the prefix kernel, the rest to the suffix kernel.
 """
 
-from typing import NamedTuple
-
 import torch
 
 from ._triton import check_launchable, kernel_is_interpreted, next_power_of_2, tl, triton
 from .attention import MAX_FORCED_SPLITS, _check_inputs, choose_num_splits, kernel_meta
 from .bf16 import round_to_bf16
+from .grouping import GroupMembers, group_members
 from .split_reduce import split_reduce
 from .tiles import attend_tiles, split_tiles
 
@@ -256,33 +255,6 @@ def _suffix_kernel(
         )
 
 
-class GroupMembers(NamedTuple):
-    """Rows of each group, side by side: group g's rows are ``member_rows[group_start[g]:group_start[g + 1]]``."""
-
-    member_rows: torch.Tensor  # int32 [num_rows]
-    group_start: torch.Tensor  # int32 [num_groups + 1]
-    max_group_size: int
-
-
-def group_members(row_group: torch.Tensor, num_groups: int, max_group_size: int | None = None) -> GroupMembers:
-    """The member lists the prefix kernel reads, from ``row_group`` (int64 [num_rows], values in [0, num_groups)).
-
-    They depend only on the grouping, so a caller can build them once per step and pass them to every layer's
-    ``shared_prefix_paged_attention(..., members=...)``. Without ``max_group_size`` (an upper bound of the group
-    sizes; a smaller one leaves rows unserved) this reads the largest group size back from the device (one sync).
-    """
-    device = row_group.device
-    row_group = row_group.long()
-    member_rows = torch.argsort(row_group, stable=True).to(torch.int32)
-    counts = torch.zeros(num_groups, dtype=torch.int64, device=device)
-    counts.index_add_(0, row_group, torch.ones_like(row_group))
-    group_start = torch.zeros(num_groups + 1, dtype=torch.int32, device=device)
-    group_start[1:] = torch.cumsum(counts, 0)
-    if max_group_size is None:
-        max_group_size = int(counts.max()) if num_groups else 0
-    return GroupMembers(member_rows, group_start, int(max_group_size))
-
-
 def prefix_meta(*, max_group_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                 dtype: torch.dtype, has_kv_start: bool, sliding_window: bool, softcap: bool,
                 emulate_bf16: bool = False) -> dict:  # fmt: skip
@@ -366,13 +338,30 @@ def shared_prefix_paged_attention(
     empty_table = torch.empty(num_rows, 0, dtype=torch.int32, device=query.device)
     _check_inputs(query, key_cache, value_cache, empty_table, seq_lens, kv_start, scale, sliding_window, softcap)
     _check_grouping(num_rows, row_group, prefix_tables, prefix_len, suffix_tables, query.device)
-    _, num_q_heads, _, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = key_cache.shape
     num_groups = prefix_tables.shape[0]
     optional = [kv_start] if kv_start is not None else []
     check_launchable(_suffix_kernel, query, key_cache, value_cache, row_group, prefix_tables, prefix_len,
                      suffix_tables, seq_lens, *optional)  # fmt: skip
+    if members is None:
+        members = group_members(row_group, num_groups)
+    elif members.member_rows.shape != (num_rows,) or members.group_start.shape != (num_groups + 1,):
+        raise ValueError("members does not match row_group / prefix_tables: build it with group_members()")
+    return launch_shared_prefix_paged_attention(
+        query, key_cache, value_cache, row_group=row_group, prefix_tables=prefix_tables, prefix_len=prefix_len,
+        suffix_tables=suffix_tables, seq_lens=seq_lens, scale=scale, kv_start=kv_start, sliding_window=sliding_window,
+        softcap=softcap, members=members, num_splits=num_splits, suffix_splits=suffix_splits,
+    )
 
+
+def launch_shared_prefix_paged_attention(query, key_cache, value_cache, *, row_group, prefix_tables, prefix_len,
+                                         suffix_tables, seq_lens, scale, kv_start=None, sliding_window=None,
+                                         softcap=None, members: GroupMembers, num_splits=None,
+                                         suffix_splits=None) -> torch.Tensor:  # fmt: skip
+    """``shared_prefix_paged_attention`` without its argument checks, for callers that validated the shapes once per
+    step; ``members`` is required."""
+    num_rows, num_q_heads, _, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    num_groups = prefix_tables.shape[0]
     out = torch.empty(num_rows, 1, num_q_heads, head_dim, dtype=query.dtype, device=query.device)
     if out.numel() == 0:
         return out
@@ -382,10 +371,6 @@ def shared_prefix_paged_attention(
     row_group = row_group.contiguous()
     seq_lens = seq_lens.contiguous()
     kv_start = kv_start.contiguous() if kv_start is not None else None
-    if members is None:
-        members = group_members(row_group, num_groups)
-    elif members.member_rows.shape != (num_rows,) or members.group_start.shape != (num_groups + 1,):
-        raise ValueError("members does not match row_group / prefix_tables: build it with group_members()")
 
     emulate_bf16 = query.dtype == torch.bfloat16 and kernel_is_interpreted(_suffix_kernel)
     shape = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
@@ -393,7 +378,7 @@ def shared_prefix_paged_attention(
                  softcap=softcap is not None, emulate_bf16=emulate_bf16)  # fmt: skip
     run_prefix = num_groups > 0 and members.max_group_size > 0 and prefix_tables.shape[1] > 0
     pmeta = prefix_meta(max_group_size=members.max_group_size, **shape)
-    m_tiles = -(-members.max_group_size * pmeta["GROUP_PAD"] // pmeta["BLOCK_M"])
+    m_tiles = triton.cdiv(members.max_group_size * pmeta["GROUP_PAD"], pmeta["BLOCK_M"])
     if not run_prefix:
         num_splits = 0
     elif num_splits is None:

@@ -29,7 +29,7 @@ def full_block_tables(
         own_tokens = seq_len - prefix_blocks[g] * block_size
         if own_tokens < 0:
             raise ValueError(f"row {r} has {seq_len} tokens, fewer than its group's {prefix_blocks[g] * block_size}")
-        own_blocks = -(-own_tokens // block_size)
+        own_blocks = (own_tokens + block_size - 1) // block_size
         rows.append(torch.cat([prefix_tables[g, : prefix_blocks[g]].cpu(), suffix_tables[r, :own_blocks].cpu()]))
     width = max((len(t) for t in rows), default=0)
     tables = torch.full((len(rows), width), -1, dtype=torch.int32)

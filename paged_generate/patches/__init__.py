@@ -1,1 +1,11 @@
-"""Everything that reaches into transformers' private generation internals lives here, guarded by tests/test_seams.py."""
+"""The one door to private internals: transformers' generation methods, private attributes and flags, source
+inspection, release differences, and PyTorch's private ops. Each module is guarded by tests/test_seams.py, which
+fails with the transformers version and what moved.
+
+- compat.py: release differences (the cache keyword, the crop convention)
+- attention_impl.py: which attention a model runs (`config._attn_implementation`) and switching it
+- model_checks.py: `_supports_*` flags and modeling-source inspection behind `enable_paged_cache`'s refusals
+- layer_windows.py: the sliding windows stock's cache keeps per layer
+- torch_ops.py: the fused CPU flash-attention op that returns its log-sum-exp
+- generate.py: per-model overrides of three `GenerationMixin` methods (the paged cache, prefill once)
+"""

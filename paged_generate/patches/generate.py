@@ -20,9 +20,9 @@ import torch
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.utils import ModelOutput
 
+from ..attention.stock import weights_wanted
 from ..backend import uses_triton
 from ..cache import PagedCache
-from ..fallback_attention import weights_wanted
 from ..stats import CacheStats
 from .compat import CACHE_KWARG
 
@@ -62,14 +62,15 @@ class PluginState:
     backend: str = "auto"
     last_stats: CacheStats | None = None
     current_call: ContextVar = field(default_factory=lambda: ContextVar("paged_generate_call", default=None))
+    # Lists that every cache this model's calls create is appended to (see capture.py).
+    watchers: list = field(default_factory=list)
 
     def new_cache(self, model) -> PagedCache:
-        return PagedCache.from_model(
-            model,
-            block_size=self.block_size,
-            max_blocks=self.max_blocks,
-            backend=self.backend,
-        )
+        cache = PagedCache.from_model(model, block_size=self.block_size, max_blocks=self.max_blocks,
+                                      backend=self.backend)
+        for watcher in self.watchers:
+            watcher.append(cache)
+        return cache
 
 
 def install(model, state: PluginState) -> None:

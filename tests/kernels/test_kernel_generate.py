@@ -38,7 +38,7 @@ def _both(model, device, seed=0, **kwargs):
 def _count_kernel_calls(model, seed, kwargs):
     from paged_generate import kernels
 
-    names = ("paged_attention", "shared_prefix_paged_attention")
+    names = ("launch_paged_attention", "launch_shared_prefix_paged_attention")
     calls = dict.fromkeys(names, 0)
     originals = {name: getattr(kernels, name) for name in names}
 
@@ -66,7 +66,7 @@ def test_beam_search_with_kernels(model, device):
     # Every layer runs a kernel: the plain one for the prompt, the shared-prefix one for the decode step (the
     # 21-token prompts leave one full block shared by each prompt's beams).
     layers = model.config.num_hidden_layers
-    assert calls == {"paged_attention": layers, "shared_prefix_paged_attention": layers}
+    assert calls == {"launch_paged_attention": layers, "launch_shared_prefix_paged_attention": layers}
 
 
 def test_sampling_with_kernels(model, device):

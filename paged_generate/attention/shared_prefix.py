@@ -8,19 +8,13 @@ log-sum-exp (FlashInfer's cascade attention, Hydragen, bifurcated attention).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-__all__ = ["SharedPrefix", "attend_partial", "merge_partials", "shared_prefix_attention"]
+from ..kernels.grouping import GroupMembers, group_members
+from ..layout import gather_rows
+from ..patches.torch_ops import cpu_flash_attention_with_lse
 
-
-@dataclass(frozen=True)
-class SharedPrefix:
-    """Rows [g * group_size, (g + 1) * group_size) all hold the same first `num_blocks` blocks."""
-
-    group_size: int
-    num_blocks: int
+__all__ = ["attend_partial", "merge_partials", "shared_prefix_attention"]
 
 
 def attend_partial(query, key, value, visible, scale: float):
@@ -50,9 +44,7 @@ def _attend_partial_cpu_flash(query, key, value, visible, scale):
     bias = None
     if visible is not None:
         bias = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, False, attn_mask=bias, scale=scale
-    )
+    out, lse = cpu_flash_attention_with_lse(query, key, value, bias, scale)
     if visible is not None:  # the kernel reports lse = 0 for a query that sees nothing
         lse = lse.masked_fill(~visible.any(-1), float("-inf"))
     return out, lse
@@ -88,26 +80,6 @@ def _fit(mask: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=False)
 
 
-def prefix_view(pool: torch.Tensor, layout: tuple[int, int], num_groups: int, num_blocks: int) -> torch.Tensor:
-    """The groups' shared K (or V) as a strided view of the pool: [num_groups, num_kv_heads, num_blocks * bs, D]."""
-    first, stride = layout
-    _, block_size, heads, head_dim = pool.shape
-    per_block = block_size * heads * head_dim
-    view = pool.as_strided(
-        (num_groups, num_blocks * block_size, heads, head_dim),
-        (stride * per_block, heads * head_dim, head_dim, 1),
-        pool.storage_offset() + first * per_block,
-    )
-    return view.transpose(1, 2)
-
-
-def _gather_tokens(pool, tables, num_tokens: int):
-    """pool [num_blocks, block_size, H, D], tables [N, M] (entries >= 0) -> [N, H, num_tokens, D]."""
-    n, m = tables.shape
-    rows = pool.index_select(0, tables.reshape(-1).long()).view(n, m * pool.shape[1], *pool.shape[2:])
-    return rows[:, :num_tokens].transpose(1, 2)
-
-
 def shared_prefix_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -122,6 +94,7 @@ def shared_prefix_attention(
     prefix_visible: torch.Tensor | None = None,
     suffix_visible: torch.Tensor | None = None,
     prefix_keys: tuple[torch.Tensor, torch.Tensor] | None = None,
+    members: GroupMembers | None = None,
 ) -> torch.Tensor:
     """Decode attention (one query token per row) split into a per-group shared part and a per-row part.
 
@@ -135,6 +108,7 @@ def shared_prefix_attention(
         extra masking (padding, sliding window) on top of the lengths; None = all visible
     prefix_keys: optional (K, V) [num_groups, num_kv_heads, max_prefix_tokens, head_dim] already at hand (a view of
         the pool when the groups' blocks are laid out regularly), to skip gathering them
+    members: `kernels.group_members(row_group, num_groups)` if already at hand (built here otherwise, with a sync)
     returns [num_rows, 1, num_q_heads, head_dim]
 
     Whole blocks are read and the slots past each length are masked, so they must hold finite values (PagedCache
@@ -148,33 +122,29 @@ def shared_prefix_attention(
     block_size = key_cache.shape[1]
 
     # Members of each group side by side: [num_groups, max_members] row ids, padded with row 0 and masked.
-    order = torch.argsort(row_group, stable=True)
-    counts = torch.bincount(row_group, minlength=num_groups)
-    max_members = int(counts.max()) if num_rows else 0
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(num_rows, device=query.device) - starts[row_group[order]]
-    members = torch.zeros(num_groups, max_members, dtype=torch.long, device=query.device)
-    members[row_group[order], slot] = order
-    member_slot = torch.empty_like(slot)
-    member_slot[order] = slot
+    if members is None:
+        members = group_members(row_group, num_groups)
+    max_members = members.max_group_size
+    padded = torch.zeros(num_groups, max_members, dtype=torch.long, device=query.device)
+    padded[row_group, members.row_slot] = torch.arange(num_rows, device=query.device)
 
     # Shared part: [groups, kv_heads, members * per_kv, head_dim] queries against the group's prefix keys.
     q = query.view(num_rows, num_kv_heads, per_kv, head_dim)
-    q_groups = q[members].permute(0, 2, 1, 3, 4).reshape(num_groups, num_kv_heads, max_members * per_kv, head_dim)
+    q_groups = q[padded].permute(0, 2, 1, 3, 4).reshape(num_groups, num_kv_heads, max_members * per_kv, head_dim)
     max_prefix = prefix_tables.shape[1] * block_size
     if prefix_keys is None:
-        prefix_keys = (_gather_tokens(key_cache, prefix_tables, max_prefix), _gather_tokens(value_cache, prefix_tables, max_prefix))
+        prefix_keys = (gather_rows(key_cache, prefix_tables, max_prefix), gather_rows(value_cache, prefix_tables, max_prefix))
     k_prefix, v_prefix = prefix_keys
     visible = _visibility(prefix_lens, prefix_visible, k_prefix.shape[2], query.device)
     out_p, lse_p = attend_partial(q_groups, k_prefix, v_prefix, visible, scale)
-    out_p = out_p.view(num_groups, num_kv_heads, max_members, per_kv, head_dim)[row_group, :, member_slot]
-    lse_p = lse_p.view(num_groups, num_kv_heads, max_members, per_kv)[row_group, :, member_slot]
+    out_p = out_p.view(num_groups, num_kv_heads, max_members, per_kv, head_dim)[row_group, :, members.row_slot]
+    lse_p = lse_p.view(num_groups, num_kv_heads, max_members, per_kv)[row_group, :, members.row_slot]
 
     # Own part: each row's blocks after the prefix.
     uniform = isinstance(suffix_lens, int)
     max_suffix = suffix_lens if uniform else suffix_tables.shape[1] * block_size
-    k_suffix = _gather_tokens(key_cache, suffix_tables, max_suffix)
-    v_suffix = _gather_tokens(value_cache, suffix_tables, max_suffix)
+    k_suffix = gather_rows(key_cache, suffix_tables, max_suffix)
+    v_suffix = gather_rows(value_cache, suffix_tables, max_suffix)
     visible = _visibility(None if uniform else suffix_lens, suffix_visible, max_suffix, query.device)
     out_s, lse_s = attend_partial(q, k_suffix, v_suffix, visible, scale)
 

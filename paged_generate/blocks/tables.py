@@ -2,44 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 
 from .allocator import BlockAllocator
-from .shared_prefix import SharedPrefix
+from .groups import SharedPrefix
+from .sizes import cdiv
 
-__all__ = ["AppendPlan", "BlockTables"]
-
-
-@dataclass
-class AppendPlan:
-    """What a step must do to the KV pools before its new tokens are written.
-
-    copy_src, copy_dst: [num_copies] block ids: copy-on-write copies to make, all of them in one batched copy.
-    slot_mapping: [num_rows, num_new_tokens] pool slot (block_id * block_size + offset) of each new token; worked out
-        on first use (a path writing rows through views of the pool never needs it).
-    """
-
-    copy_src: np.ndarray
-    copy_dst: np.ndarray
-    tables: np.ndarray  # after the append
-    start: int  # position of the first new token
-    num_tokens: int
-    block_size: int
-
-    @cached_property
-    def slot_mapping(self) -> np.ndarray:
-        if self.num_tokens == 1:  # decode: one column, no fancy indexing
-            block, offset = divmod(self.start, self.block_size)
-            return self.tables[:, block : block + 1] * self.block_size + offset
-        positions = np.arange(self.start, self.start + self.num_tokens)
-        return self.tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
-
+__all__ = ["BlockCopies", "BlockTables"]
 
 _NO_BLOCKS = np.zeros(0, dtype=np.int64)
 _NO_BLOCKS.flags.writeable = False
+
+
+class BlockCopies(NamedTuple):
+    """Copy-on-write copies a step makes before writing: block copy_src[i] -> copy_dst[i], int64 [num_copies] each,
+    all of them in one batched copy."""
+
+    copy_src: np.ndarray
+    copy_dst: np.ndarray
+
+
+NO_COPIES = BlockCopies(_NO_BLOCKS, _NO_BLOCKS)
 
 
 class BlockTables:
@@ -60,7 +45,7 @@ class BlockTables:
         self.seq_len = 0
         # Only fork and select can make rows share a tail block; until then appends skip the sharing check.
         self._tails_may_be_shared = False
-        # Which leading blocks groups of rows share: set by fork, kept by group-preserving selects (beam search).
+        # Which leading blocks groups of rows share: set by fork, kept by selects.
         self.shared: SharedPrefix | None = None
 
     @property
@@ -71,27 +56,25 @@ class BlockTables:
         """Blocks `append(num_tokens)` would take: copies of shared partial blocks plus fresh blocks."""
         return self._num_copies() + self.num_rows * self._num_new_columns(num_tokens)
 
-    def append(self, num_tokens: int) -> AppendPlan:
-        """Reserve slots for `num_tokens` more tokens in every row.
+    def append(self, num_tokens: int) -> BlockCopies:
+        """Reserve slots for `num_tokens` more tokens in every row; returns the copies to make before writing.
 
         A row whose last, partially filled block is also referenced by another row gets its own copy first (the first
         row referencing a block keeps it). Nothing changes when the allocator cannot supply the blocks.
         """
         if num_tokens == 1 and self.seq_len % self.block_size and not self._tails_may_be_shared:
             # Most decode steps: every row's last block has room and is its own; nothing to allocate or copy.
-            plan = AppendPlan(_NO_BLOCKS, _NO_BLOCKS, self.tables, self.seq_len, 1, self.block_size)
             self.seq_len += 1
-            return plan
+            return NO_COPIES
         needed = self.blocks_needed_to_append(num_tokens)
         if not self.allocator.can_allocate(needed):
-            self.allocator.allocate(needed)  # raises OutOfBlocksError with the figures, before any state changes
-        copy_src, copy_dst = self._copy_shared_tail()
+            raise self.allocator.shortage(needed)  # before any state changes
+        copies = self._copy_shared_tail()
         num_new = self._num_new_columns(num_tokens)
         if num_new:
             self.tables = np.concatenate([self.tables, self._fresh_columns(num_new)], axis=1)
-        plan = AppendPlan(copy_src, copy_dst, self.tables, self.seq_len, num_tokens, self.block_size)
         self.seq_len += num_tokens
-        return plan
+        return copies
 
     def _fresh_columns(self, num_new: int) -> np.ndarray:
         """[num_rows, num_new] new block ids, from the allocator in its order; except for rows given a `row_stride`,
@@ -110,37 +93,41 @@ class BlockTables:
 
     def fork(self, repeats: int) -> None:
         """Row i becomes rows i*repeats .. i*repeats+repeats-1, all sharing its blocks (no copy)."""
-        if repeats == 1:
-            return
-        self.allocator.incref(self.tables.ravel(), repeats - 1)
-        self.tables = np.repeat(self.tables, repeats, axis=0)
-        self._tails_may_be_shared = True
-        full_blocks = self.seq_len // self.block_size  # a partial block will be copied on write: not shared for long
+        if repeats != 1:
+            self.fork_rows(np.repeat(np.arange(self.num_rows), repeats))
+
+    def fork_rows(self, source_rows: np.ndarray) -> None:
+        """New row j shares all the blocks of old row `source_rows[j]` (no copy); rows forked from one row form a
+        group sharing its full blocks. Every old row must appear (a dropped row's blocks are released, as `select`)."""
+        self._share(source_rows)
         if self.shared is None:
-            self.shared = SharedPrefix(repeats, full_blocks)
-        else:
-            self.shared = SharedPrefix(self.shared.group_size * repeats, self.shared.num_blocks)
+            full_blocks = self.seq_len // self.block_size  # a partial block is copied on write: not shared for long
+            self.shared = SharedPrefix.of(source_rows, full_blocks)
 
     def select(self, row_indices: np.ndarray) -> None:
         """New row j is old row `row_indices[j]`; indices may repeat (shared) or be dropped (freed)."""
-        new_tables = self.tables[row_indices]
+        self._share(row_indices)
+
+    def _share(self, source_rows: np.ndarray) -> None:
+        new_tables = self.tables[source_rows]
         self.allocator.incref(new_tables.ravel())
         self.allocator.decref(self.tables.ravel())
-        self.shared = self._shared_after_select(row_indices)
         self.tables = new_tables
         self._tails_may_be_shared = True
+        if self.shared is not None:
+            self.shared = self.shared.forked(source_rows)
 
     def crop(self, new_seq_len: int) -> None:
         """Forget the tokens from position `new_seq_len` on; blocks left empty are released."""
         if new_seq_len >= self.seq_len:
             return
-        keep = -(-new_seq_len // self.block_size)
+        keep = cdiv(new_seq_len, self.block_size)
         self.allocator.decref(self.tables[:, keep:].ravel())
         self.tables = self.tables[:, :keep]
         self.seq_len = new_seq_len
         self._tails_may_be_shared = True  # a shared full block may now be a partial tail
         if self.shared is not None:
-            self.shared = SharedPrefix(self.shared.group_size, min(self.shared.num_blocks, new_seq_len // self.block_size))
+            self.shared = self.shared.cropped(new_seq_len // self.block_size)
 
     def free(self) -> None:
         """Drop every row (the call's blocks go back to the free list)."""
@@ -149,16 +136,8 @@ class BlockTables:
         self.seq_len = 0
         self.shared = None
 
-    def _shared_after_select(self, row_indices: np.ndarray) -> SharedPrefix | None:
-        """Groups survive a select that keeps every group's size and draws each row from its own group (beams)."""
-        shared = self.shared
-        if shared is None or len(row_indices) != self.num_rows:
-            return None
-        own_group = np.arange(len(row_indices)) // shared.group_size
-        return shared if np.array_equal(row_indices // shared.group_size, own_group) else None
-
     def _num_new_columns(self, num_tokens: int) -> int:
-        return -(-(self.seq_len + num_tokens) // self.block_size) - self.tables.shape[1]
+        return cdiv(self.seq_len + num_tokens, self.block_size) - self.tables.shape[1]
 
     def _has_partial_tail(self) -> bool:
         return self._tails_may_be_shared and self.seq_len % self.block_size != 0 and self.num_rows > 0
@@ -174,9 +153,9 @@ class BlockTables:
     def _num_copies(self) -> int:
         return int(self._rows_sharing_tail().sum()) if self._has_partial_tail() else 0
 
-    def _copy_shared_tail(self) -> tuple[np.ndarray, np.ndarray]:
+    def _copy_shared_tail(self) -> BlockCopies:
         if not self._has_partial_tail():
-            return _NO_BLOCKS, _NO_BLOCKS
+            return NO_COPIES
         rows = np.flatnonzero(self._rows_sharing_tail())
         self._tails_may_be_shared = False
         src = self.tables[rows, -1]
@@ -184,4 +163,4 @@ class BlockTables:
         self.allocator.decref(src)
         self.tables = self.tables.copy()  # replaced, not edited: a step's tables never change under it
         self.tables[rows, -1] = dst
-        return src, dst
+        return BlockCopies(src, dst)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import OutOfBlocksError
+from ..errors import OutOfBlocksError
 
 __all__ = ["BlockAllocator"]
 
@@ -48,6 +48,11 @@ class BlockAllocator:
     def can_allocate(self, num_blocks: int) -> bool:
         return self.num_used + num_blocks <= self._limit()
 
+    def shortage(self, num_blocks: int) -> OutOfBlocksError:
+        """The error saying that `num_blocks` more blocks do not fit under the cap."""
+        return OutOfBlocksError(needed=num_blocks, in_use=self.num_used, max_blocks=self._limit(),
+                                block_size=self.block_size)
+
     def grow(self, new_capacity: int) -> None:
         """Extend the pool to `new_capacity` ids (never shrinks). New ids are handed out lowest first."""
         new_capacity = min(new_capacity, self._limit())
@@ -64,9 +69,7 @@ class BlockAllocator:
         if num_blocks == 0:
             return np.zeros(0, dtype=np.int64)
         if not self.can_allocate(num_blocks):
-            raise OutOfBlocksError(
-                needed=num_blocks, in_use=self.num_used, max_blocks=self._limit(), block_size=self.block_size
-            )
+            raise self.shortage(num_blocks)
         if num_blocks > self.num_free:
             self.grow(max(self.num_used + num_blocks, self.capacity + self.capacity // 4))
         top = self.num_free

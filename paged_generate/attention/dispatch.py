@@ -1,0 +1,120 @@
+"""The attention functions registered with transformers, and where a paged forward picks its path.
+
+A layer hands attention either ordinary K/V (no paged cache, or rows read in place as views of the pools), which goes
+straight to stock's function, or its pools with a `PagedRead`. Then, in this order:
+
+1. what only stock's function reproduces (`needs_stock_attention`): stock's function on every row's K/V;
+2. a CUDA layer the Triton kernels can serve: the kernels, shared-prefix or plain;
+3. a decode step whose rows share a prefix: the PyTorch shared-prefix split;
+4. otherwise stock's function on every row's K/V (views of the pools, or gathered).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .. import kernels
+from ..cache import PagedRead, paged_read_of
+from ..layout import strided_rows
+from .shared_prefix import shared_prefix_attention
+from .stock import needs_stock_attention, stock_attention, stock_attention_on_rows
+
+__all__ = ["paged_attention", "paged_attention_forward", "paged_attention_forward_eager"]
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Registered as `ATTENTION_NAME`: models that ran SDPA before the plugin (see `paged_attention`)."""
+    read = paged_read_of(key)
+    if read is None:  # ordinary K/V (rows read in place, or no paged cache): stock SDPA, no detour
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    return paged_attention("sdpa", read, module, query, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def paged_attention_forward_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Registered as `ATTENTION_NAME_EAGER`: models that ran their family's eager attention before the plugin."""
+    read = paged_read_of(key)
+    if read is None:
+        return stock_attention("eager", module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                               **kwargs)
+    return paged_attention("eager", read, module, query, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def paged_attention(
+    implementation: str,
+    read: PagedRead,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """query: [num_rows, num_q_heads, query_len, head_dim] -> (out [num_rows, query_len, num_q_heads, head_dim], weights
+    or None: only the eager stock path returns weights, as stock eager does).
+
+    `implementation` ("sdpa" or "eager") is what stock transformers would run for this model; the registered name
+    fixes it, so no per-layer config lookup is needed.
+    """
+    step = read.step
+    if not needs_stock_attention(implementation, query, kwargs):
+        if read.use_triton and _kernel_can_serve(attention_mask, dropout, kwargs):
+            return _triton_forward(query, read, attention_mask, _scale(module, query, scaling), kwargs), None
+        if _can_split_shared_prefix(step, dropout, kwargs):
+            return _shared_prefix_forward(module, query, read, attention_mask, scaling), None
+    key, value = read.rows()
+    return stock_attention_on_rows(implementation, module, query, key, value, attention_mask, dropout=dropout,
+                                   scaling=scaling, **kwargs)
+
+
+def _kernel_can_serve(attention_mask, dropout: float, kwargs: dict) -> bool:
+    # The kernel knows left padding + causality + window + softcap; anything else goes to the PyTorch path.
+    boolean_mask = attention_mask is None or attention_mask.dtype == torch.bool
+    return boolean_mask and not dropout and kwargs.get("s_aux") is None
+
+
+def _triton_forward(query, read: PagedRead, attention_mask, scale: float, kwargs: dict) -> torch.Tensor:
+    step, device_step = read.step, read.device_step
+    features = dict(
+        scale=scale, kv_start=device_step.kv_start(attention_mask), sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+    )
+    if step.shares_prefix:
+        return kernels.launch_shared_prefix_paged_attention(
+            query, read.keys, read.values, seq_lens=device_step.seq_lens, **device_step.shared.kernel_args, **features
+        )
+    return kernels.launch_paged_attention(query, read.keys, read.values, device_step.block_tables, device_step.seq_lens,
+                                   **features)
+
+
+def _scale(module, query, scaling) -> float:
+    return scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+
+
+def _can_split_shared_prefix(step, dropout: float, kwargs: dict) -> bool:
+    # The PyTorch split has no softcap / sinks / dropout: those take the unsplit path.
+    return step.shares_prefix and not dropout and not kwargs.get("softcap") and kwargs.get("s_aux") is None
+
+
+def _shared_prefix_forward(module, query, read: PagedRead, attention_mask, scaling) -> torch.Tensor:
+    """Decode step with rows grouped by shared leading blocks; `attention_mask` is sdpa_mask's [rows, 1, 1, seq] or
+    None."""
+    step = read.step
+    groups = read.device_step.shared
+    num_shared = groups.num_shared_blocks
+    prefix_len = num_shared * step.block_size
+    prefix_keys = None
+    if groups.prefix_layout is not None:
+        num_groups = groups.prefix_tables.shape[0]
+        prefix_keys = tuple(strided_rows(pool, groups.prefix_layout, num_groups, num_shared)
+                            for pool in (read.keys, read.values))
+    visible = attention_mask[:, 0, -1, :] if attention_mask is not None else None
+    return shared_prefix_attention(
+        query, read.keys, read.values,
+        row_group=groups.row_group, prefix_tables=groups.prefix_tables, prefix_lens=None,
+        suffix_tables=groups.suffix_tables, suffix_lens=step.seq_len - prefix_len, scale=_scale(module, query, scaling),
+        prefix_visible=visible[groups.first_rows, :prefix_len] if visible is not None else None,
+        suffix_visible=visible[:, prefix_len:] if visible is not None else None,
+        prefix_keys=prefix_keys, members=groups.members,
+    )

@@ -1,0 +1,12 @@
+"""Block bookkeeping: which blocks each row holds, reference counts, copy-on-write, groups of rows sharing a prefix.
+
+Plain numpy, no model and no attention code: everything above (the step, the cache, attention) builds on this.
+"""
+
+from .allocator import BlockAllocator
+from .groups import SharedPrefix
+from .sizes import MAX_BLOCK_SIZE, block_size_problem, cdiv
+from .tables import BlockCopies, BlockTables
+
+__all__ = ["BlockAllocator", "BlockCopies", "BlockTables", "MAX_BLOCK_SIZE", "SharedPrefix", "block_size_problem",
+           "cdiv"]

@@ -1,0 +1,15 @@
+"""What the Triton kernels accept: checked by their wrappers, and read by the dispatch to send anything else to the
+PyTorch path. (No kernel code here, so reading these decides nothing about how kernels are compiled.)"""
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MIN_BLOCK_SIZE = 8
+MAX_BLOCK_SIZE = 256
+
+
+def kernels_serve(*, dtype: torch.dtype, head_dim: int, value_head_dim: int, block_size: int) -> bool:
+    """Whether the kernels can read and write pools of this kind (else the PyTorch path serves them exactly)."""
+    return (dtype in SUPPORTED_DTYPES and 1 <= head_dim <= MAX_HEAD_DIM and value_head_dim == head_dim
+            and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and not block_size & (block_size - 1))

@@ -1,0 +1,48 @@
+"""Where rows' tokens sit in a pool, and how attention reads them: in place as strided views when the rows' blocks are
+laid out regularly, gathered through the block tables otherwise.
+
+Pools are [num_blocks, block_size, num_kv_heads, head_dim]; rows are handed to attention as transformers lays K/V out,
+[num_rows, num_kv_heads, num_tokens, head_dim].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["gather_rows", "regular_layout", "strided_rows"]
+
+
+def regular_layout(tables: np.ndarray) -> tuple[int, int] | None:
+    """(first, stride) if tables[r, j] == first + r * stride + j for every r, j (stride >= 0), else None.
+
+    Rows so laid out are strided views of the pool: a lone row holding consecutive blocks, rows placed side by side,
+    or groups' shared blocks all at one place (stride 0)."""
+    if not tables.size:
+        return None
+    first = int(tables[0, 0])
+    stride = int(tables[1, 0] - first) if tables.shape[0] > 1 else 0
+    expected = first + stride * np.arange(tables.shape[0])[:, None] + np.arange(tables.shape[1])[None, :]
+    return (first, stride) if stride >= 0 and np.array_equal(tables, expected) else None
+
+
+def strided_rows(pool: torch.Tensor, layout: tuple[int, int], num_rows: int, num_blocks: int) -> torch.Tensor:
+    """Rows laid out as `layout` (see `regular_layout`), `num_blocks` blocks each, as a view of the pool:
+    [num_rows, num_kv_heads, num_blocks * block_size, head_dim]. No copy."""
+    first, stride = layout
+    _, block_size, heads, head_dim = pool.shape
+    per_block = block_size * heads * head_dim
+    view = pool.as_strided(
+        (num_rows, num_blocks * block_size, heads, head_dim),
+        (stride * per_block, heads * head_dim, head_dim, 1),
+        pool.storage_offset() + first * per_block,
+    )
+    return view.transpose(1, 2)
+
+
+def gather_rows(pool: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Rows' first `num_tokens` tokens read through their block tables (int [num_rows, blocks], entries >= 0):
+    [num_rows, num_kv_heads, num_tokens, head_dim], a copy."""
+    num_rows, blocks_per_row = block_tables.shape
+    rows = pool.index_select(0, block_tables.reshape(-1)).view(num_rows, blocks_per_row * pool.shape[1], *pool.shape[2:])
+    return rows[:, :num_tokens].transpose(1, 2)
