@@ -13,30 +13,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import statistics
 import sys
 import time
-from pathlib import Path
-
-# Run as a script, this folder is sys.path[0]: its kernels.py would shadow the `kernels` package transformers probes.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch
+from bench_utils import RESULTS_DIR, build_model, run_info, write_json
 from transformers import DynamicCache
 
 from paged_generate import PagedCache, enable_paged_cache
-
-
-def _load_speed_benchmark():
-    """benchmarks/speed.py, loaded by path (this folder is not importable, see above): its model and JSON writer."""
-    spec = importlib.util.spec_from_file_location("speed_benchmark", Path(__file__).with_name("speed.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-speed = _load_speed_benchmark()
 
 CASES = {
     "greedy, batch 1, prompt 128, 128 steps": dict(rows=1, prompt_len=128, steps=128),
@@ -78,9 +63,9 @@ def paired_steps(stock_model, paged_model, case: dict, rounds: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10, help="prompts decoded per case (each a fresh pair of caches)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_step.json"))
+    parser.add_argument("--out", default=str(RESULTS_DIR / "decode_step.json"))
     args = parser.parse_args(argv)
-    stock_model = speed.build_model()
+    stock_model = build_model()
     paged_model = copy.deepcopy(stock_model)
     enable_paged_cache(paged_model)
     results = {}
@@ -90,7 +75,7 @@ def main(argv=None) -> int:
         result = results[name] = paired_steps(stock_model, paged_model, case, args.rounds)
         print(f"| {name} | {result['steps_timed']} | {result['stock_us']:.0f} | {result['paged_us']:.0f} "
               f"| {result['paired_extra_us']:+.0f} us ({100 * result['paired_extra_fraction']:+.1f}%) |", flush=True)
-    speed.write_results(args.out, results)
+    write_json(args.out, {**run_info(), "results": results})
     return 0
 
 

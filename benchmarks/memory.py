@@ -28,10 +28,10 @@ import time
 from importlib import metadata, util
 from pathlib import Path
 
-# Run as a script, this folder is sys.path[0]: its kernels.py would shadow the `kernels` package transformers probes.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import bench_utils
+from bench_utils import write_json
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "memory.json"
+DEFAULT_OUT = bench_utils.RESULTS_DIR / "memory.json"
 SHAPE_NAMES = {"1024/128": "long prompt", "19/58": "Alpaca", "161/338": "ShareGPT"}
 CHECK_SHAPE, CHECK_WIDTH, CHECK_MIN_SAVING = "1024/128", 8, 0.75
 MODEL_SEED, PROMPT_SEED, GENERATE_SEED = 0, 1, 2
@@ -42,20 +42,7 @@ MIB = 2**20
 # --- child: one (shape, mode, width, stock|paged) run in a fresh process ------------------------------------------
 def build_model(device: str):
     """The benchmark model; the same weights in every process thanks to the fixed seed."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(MODEL_SEED)
-    config = LlamaConfig(
-        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).to(device=device, dtype=torch.float32).eval()
-    with torch.no_grad():
-        # Random weights give near-uniform next-token distributions, so beams would tie and samples would be noise;
-        # a scaled-up head makes them peaked, as a trained model's are.
-        model.lm_head.weight.mul_(8)
-    return model
+    return bench_utils.build_model("4-layer", seed=MODEL_SEED, head_scale=8, max_positions=2048, device=device)
 
 
 def make_prompt(prompt_len: int, vocab_size: int, device: str):
@@ -329,13 +316,6 @@ def environment(first_child: dict | None, device: str, source: dict) -> dict:
         torch=child.get("torch") or version("torch"), transformers=child.get("transformers") or version("transformers"),
         paged_generate=version("paged-generate"), **source,
     )
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # write then rename: an interrupted run never leaves half a file
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # --- entry --------------------------------------------------------------------------------------------------------

@@ -10,19 +10,12 @@ Prints a markdown table of median seconds (and the ratio stock / paged) and writ
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
-
-# Run as a script, this folder is sys.path[0]: its kernels.py would shadow the `kernels` package transformers probes.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch
-import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_utils import RESULTS_DIR, build_model, run_info, write_json
 
 from paged_generate import disable_paged_cache, enable_paged_cache
 
@@ -32,15 +25,6 @@ CASES = {
     "prompt 128 / greedy batch 1 / 128 new": dict(prompt_len=128, new_tokens=128, rounds_factor=4),
 }
 # A short case runs more rounds: a shared machine's hiccups are a larger share of a 0.4 s run than of a 3 s one.
-
-
-def build_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def time_generate(model, input_ids, case) -> tuple[float, torch.Tensor]:
@@ -78,7 +62,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
+    parser.add_argument("--out", default=str(RESULTS_DIR / "speed.json"))
     args = parser.parse_args(argv)
     model = build_model()
     results = {}
@@ -88,17 +72,8 @@ def main(argv=None) -> int:
         result = results[name] = run_case(model, CASES[name], args.repeats)
         print(f"| {name} | {len(result['stock_runs'])} | {result['stock_s']:.2f} | {result['paged_s']:.2f} | {result['speedup']:.2f}x "
               f"| {result['median_round_speedup']:.2f}x |", flush=True)
-    write_results(args.out, results)
+    write_json(args.out, {**run_info(), "results": results})
     return 0
-
-
-def write_results(out: str, results: dict) -> None:
-    """`results` as JSON at `out`, with the command line and what ran it."""
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import sys
 import textwrap
 import time
 
+from .blocks.sizes import block_size_problem
+
 __all__ = ["main"]
 
 MIB = 2**20
@@ -36,8 +38,9 @@ def _positive_int(text: str) -> int:
 
 def _block_size(text: str) -> int:
     value = _positive_int(text)
-    if value > 256 or value & (value - 1):
-        raise argparse.ArgumentTypeError(f"block size must be a power of two between 1 and 256, got {value}")
+    problem = block_size_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 

@@ -59,3 +59,81 @@ def test_generate_reaches_the_patched_methods():
     finally:
         disable_paged_cache(model)
     assert isinstance(seen["cache"], PagedCache) and seen["rows"] == 2
+
+
+# --- one guard per module of paged_generate/patches/ -------------------------------------------------------------
+def _moved(what: str) -> str:
+    import transformers
+
+    return f"transformers {transformers.__version__} (torch {torch.__version__}): {what}"
+
+
+def test_crop_convention_of_compat():
+    # length_after_crop mirrors Cache.crop: a negative argument drops that many tokens, a positive one is the length.
+    from transformers import DynamicCache
+
+    from paged_generate.patches.compat import length_after_crop
+
+    from paged_generate.patches.compat import TRANSFORMERS_VERSION
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 1, 5, 4), torch.zeros(1, 1, 5, 4), 0)
+    cache.crop(-2)
+    assert cache.get_seq_length() == 3 == length_after_crop(-2, 5), _moved("Cache.crop(-n) no longer drops n tokens")
+    if TRANSFORMERS_VERSION.release < (5, 18):  # the older convention, which 5.17's assisted decoding still uses
+        cache.crop(2)
+        assert cache.get_seq_length() == 2 == length_after_crop(2, 3), _moved("Cache.crop(n) no longer keeps n")
+    assert length_after_crop(torch.tensor(2), 3) == 2
+
+
+def test_attention_implementation_attribute_and_switch():
+    from paged_generate.attention import register_attention
+    from paged_generate.patches.attention_impl import ATTENTION_NAME, implementation_of, switch_attention
+
+    model = tiny_model("llama")
+    assert hasattr(model.config, "_attn_implementation"), _moved("config._attn_implementation is gone")
+    original = implementation_of(model.config)
+    register_attention()
+    assert switch_attention(model, ATTENTION_NAME), _moved("set_attn_implementation no longer takes a registered name")
+    assert implementation_of(model.config) == ATTENTION_NAME
+    assert all(layer.self_attn.config._attn_implementation == ATTENTION_NAME for layer in model.model.layers), _moved(
+        "the attention modules no longer read the model config's implementation")
+    assert switch_attention(model, original) and implementation_of(model.config) == original
+
+
+def test_model_check_flags_and_sources():
+    import transformers
+
+    from paged_generate.patches.model_checks import family_eager, keeps_recurrent_state, uses_attention_registry
+
+    assert hasattr(GenerationMixin, "_supports_default_dynamic_cache"), _moved(
+        "GenerationMixin._supports_default_dynamic_cache is gone: recurrent models would not be refused")
+    assert not keeps_recurrent_state(tiny_model("llama"))
+    assert getattr(LlamaForCausalLM, "_supports_attention_backend", False), _moved(
+        "_supports_attention_backend is no longer set on Llama")
+    assert uses_attention_registry(transformers.StableLmForCausalLM), _moved(
+        "StableLM's modeling source no longer calls ALL_ATTENTION_FUNCTIONS.get_interface(")
+    assert family_eager(LlamaForCausalLM) is not None, _moved("modeling_llama has no eager_attention_forward")
+
+
+def test_stock_cache_windows_from_layer_types():
+    from transformers import MistralConfig
+
+    from paged_generate.patches.layer_windows import stock_cache_windows
+
+    config = MistralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=24)
+    assert stock_cache_windows(config) == [24, 24], _moved("get_layer_types_and_kwargs changed its return value")
+    llama = tiny_model("llama").config
+    assert stock_cache_windows(llama) == [None] * llama.num_hidden_layers
+
+
+def test_cpu_flash_attention_op_returns_lse():
+    from paged_generate.patches.torch_ops import cpu_flash_attention_with_lse
+
+    query, key, value = (torch.randn(2, 3, n, 8) for n in (1, 5, 5))
+    out, lse = cpu_flash_attention_with_lse(query, key, value, None, 8**-0.5)
+    scores = (query @ key.transpose(-1, -2)) * 8**-0.5
+    assert lse.shape == (2, 3, 1), _moved("the fused CPU flash op's log-sum-exp changed shape")
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ value)

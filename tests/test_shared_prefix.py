@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from paged_generate.attention.shared_prefix import shared_prefix_attention
+from paged_generate.blocks import cdiv
 
 
 def _random_layout(seed, num_groups, max_members, max_prefix_blocks, block_size, ragged=True):
@@ -12,7 +13,7 @@ def _random_layout(seed, num_groups, max_members, max_prefix_blocks, block_size,
     members = [randint(1, max_members) for _ in range(num_groups)]
     prefix_blocks = [randint(0, max_prefix_blocks) for _ in range(num_groups)]
     suffix_tokens = [[randint(1, 3 * block_size) if ragged else 2 * block_size + 1 for _ in range(m)] for m in members]
-    num_suffix_blocks = sum(-(-t // block_size) for group in suffix_tokens for t in group)
+    num_suffix_blocks = sum(cdiv(t, block_size) for group in suffix_tokens for t in group)
     num_blocks = sum(prefix_blocks) + num_suffix_blocks
     ids = torch.randperm(num_blocks, generator=generator).tolist()
     prefix_tables, rows = [], []
@@ -20,7 +21,7 @@ def _random_layout(seed, num_groups, max_members, max_prefix_blocks, block_size,
         prefix = [ids.pop() for _ in range(prefix_blocks[g])]
         prefix_tables.append(prefix)
         for tokens in suffix_tokens[g]:
-            rows.append((g, prefix, [ids.pop() for _ in range(-(-tokens // block_size))], tokens))
+            rows.append((g, prefix, [ids.pop() for _ in range(cdiv(tokens, block_size))], tokens))
     return num_blocks, prefix_tables, rows
 
 

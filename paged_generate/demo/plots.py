@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..blocks import cdiv
+
 __all__ = ["MatplotlibMissing", "draw_block_tables", "kv_figure", "require_matplotlib"]
 
 MIB = 2**20
@@ -73,7 +75,7 @@ def draw_block_tables(snapshots: list[dict], steps: list[int] | None = None, blo
     widest = max(snapshots[i]["tables"].shape[1] for i in steps)
     rows = max(snapshots[i]["tables"].shape[0] for i in steps)
     ncols = min(3, len(steps))
-    nrows = -(-len(steps) // ncols)
+    nrows = cdiv(len(steps), ncols)
     figure = Figure(figsize=(max(3.6, 0.55 * widest + 1.2) * ncols, (0.42 * rows + 1.5) * nrows + 0.4),
                     layout="constrained")
     FigureCanvasAgg(figure)

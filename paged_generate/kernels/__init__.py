@@ -52,6 +52,10 @@ __all__ = [
     "shared_prefix_paged_attention_reference",
     "full_block_tables",
     "kernels_serve",
+    "MAX_BLOCK_SIZE",
+    "MAX_HEAD_DIM",
+    "MIN_BLOCK_SIZE",
+    "SUPPORTED_DTYPES",
     "triton_available",
     "is_interpreting",
 ]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from paged_generate.blocks import cdiv
 from paged_generate.kernels import choose_num_splits, paged_attention, paged_attention_reference
 from pool_blocks import fill_top_blocks
 
@@ -47,7 +48,7 @@ def make_case(
 ) -> Case:
     torch.manual_seed(seed)
     num_rows = len(seq_lens)
-    blocks_per_row = [-(-n // block_size) for n in seq_lens]
+    blocks_per_row = [cdiv(n, block_size) for n in seq_lens]
     num_blocks = sum(blocks_per_row) + spare_blocks
     # One extra column so every row ends in -1 padding the kernel must not follow.
     block_tables = torch.full((num_rows, max(blocks_per_row) + 1), -1, dtype=torch.int32)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from paged_generate.blocks import cdiv
 from paged_generate.kernels import (
     full_block_tables,
     group_members,
@@ -69,7 +70,7 @@ def make_case(
     row_group = slots[torch.randperm(num_rows)] if shuffle else slots
     prefix_len = [n * block_size for n in prefix_blocks]
     seq_lens = [prefix_len[g] + own for g, own in zip(row_group.tolist(), own_lens)]
-    own_blocks = [-(-own // block_size) for own in own_lens]
+    own_blocks = [cdiv(own, block_size) for own in own_lens]
 
     num_blocks = sum(prefix_blocks) + sum(own_blocks) + spare_blocks
     perm = iter(torch.randperm(num_blocks).tolist())

@@ -1,6 +1,6 @@
 """GPU micro-benchmarks of the Triton attention kernels (CUDA only).
 
-    python benchmarks/kernels.py [--check] [--peak-bw BYTES_PER_S] [--reps 50] [--out benchmarks/results/kernels.json]
+    python benchmarks/kernel_speed.py [--check] [--peak-bw BYTES_PER_S] [--reps 50] [--out benchmarks/results/kernels.json]
 
 1. Decode: `paged_attention` for 1/4/16/64 rows x 512/2k/8k/32k tokens per row (GQA 32 q-heads / 8 kv-heads,
    head_dim 128, bf16, block_size 16, randperm block tables). Reports the achieved bandwidth (bytes of K/V read /
@@ -23,23 +23,21 @@ Prints markdown tables and writes JSON. Without a CUDA device it says so and exi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
-# Run as a script, this folder is sys.path[0]: its kernels.py would shadow the `kernels` package transformers probes.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import torch
+from bench_utils import RESULTS_DIR, write_json
 
 try:
     import paged_generate  # noqa: F401
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paged_generate import kernels  # imports no Triton until a kernel is used
+from paged_generate.blocks import cdiv
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "kernels.json"
+DEFAULT_OUT = RESULTS_DIR / "kernel_speed.json"
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 DECODE_ROWS, DECODE_TOKENS = (1, 4, 16, 64), (512, 2048, 8192, 32768)
 SHARED_ROWS, SHARED_PROMPTS, OWN_TOKENS = (8, 16, 32, 64), (2048, 8192, 32768), 128
@@ -91,7 +89,7 @@ def make_query(rows: int, device, seed: int = 1) -> torch.Tensor:
 
 def decode_case(rows: int, tokens: int, device) -> dict:
     """A pool holding `rows` rows of `tokens` tokens each, in randomly permuted blocks."""
-    blocks_per_row = -(-tokens // BLOCK_SIZE)
+    blocks_per_row = cdiv(tokens, BLOCK_SIZE)
     key_cache, value_cache = make_pool(rows * blocks_per_row, device)
     generator = torch.Generator(device=device).manual_seed(2)
     perm = torch.randperm(rows * blocks_per_row, generator=generator, device=device)
@@ -114,7 +112,7 @@ def contiguous_kv(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def shared_case(rows: int, prompt: int, own: int, device) -> dict:
     """`rows` rows (one group) sharing `prompt` tokens, each with `own` more tokens, in randomly permuted blocks."""
-    prefix_blocks, own_blocks = prompt // BLOCK_SIZE, -(-own // BLOCK_SIZE)
+    prefix_blocks, own_blocks = prompt // BLOCK_SIZE, cdiv(own, BLOCK_SIZE)
     key_cache, value_cache = make_pool(prefix_blocks + rows * own_blocks, device)
     generator = torch.Generator(device=device).manual_seed(3)
     perm = torch.randperm(prefix_blocks + rows * own_blocks, generator=generator, device=device)
@@ -300,10 +298,10 @@ def main(argv=None) -> int:
     if args.reps < 20:
         parser.error("--reps must be >= 20")
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA device (none found): nothing to measure.")
+        print("benchmarks/kernel_speed.py needs a CUDA device (none found): nothing to measure.")
         return 0
     if not kernels.triton_available() or kernels.is_interpreting():
-        print("benchmarks/kernels.py needs Triton compiling for the GPU (Triton missing, or TRITON_INTERPRET is set).")
+        print("benchmarks/kernel_speed.py needs Triton compiling for the GPU (Triton missing, or TRITON_INTERPRET is set).")
         return 1
 
     device_name = torch.cuda.get_device_name()
@@ -328,14 +326,13 @@ def main(argv=None) -> int:
         print(f"- {name}: {'n/a' if value is None else f'{value:.0%}' if 'peak' in name else f'{value:.2f}x'}")
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_json(out, {
         "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
         "device": device_name, "peak_bandwidth": peak, "torch": torch.__version__, "triton": triton.__version__,
         "shape": dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE,
                       dtype=str(DTYPE)),
         "reps": args.reps, "check": check, "decode": decode, "shared_prefix": shared, "goals": summary,
-    }, indent=2))  # fmt: skip
+    })  # fmt: skip
     print(f"\nwrote {out}")
     return 0
 
