@@ -4,9 +4,14 @@
 
 End-to-end runs of a short generate() call move by several percent from one run to the next on a shared machine, more
 than the plugin's own per-step cost. Here two copies of the 4-layer GQA Llama of benchmarks/speed.py (one stock, one
-enabled) decode the same prompt side by side: at every position both take one forward, in alternating order, and the
+enabled) decode the same prompt side by side: at every position both take one step, in alternating order, and the
 difference of the two times is kept. Prints the median step times and the median of the paired differences per case,
 and writes JSON.
+
+A step is what generate() does with the cache per token: one forward, and for beam search the reorder of the cache
+(`reorder_cache`, the same random beam indices for both). Beam and sampling cases start from one prompt forked to
+the rows as each side does it: stock repeats the prompt (8 identical rows in the prompt forward), the plugin computes
+it once and forks its blocks.
 """
 
 from __future__ import annotations
@@ -22,11 +27,27 @@ from bench_utils import RESULTS_DIR, build_model, run_info, write_json
 from transformers import DynamicCache
 
 from paged_generate import PagedCache, enable_paged_cache
+from paged_generate.patches.compat import CACHE_KWARG
 
 CASES = {
     "greedy, batch 1, prompt 128, 128 steps": dict(rows=1, prompt_len=128, steps=128),
     "greedy, batch 4, prompt 128, 128 steps": dict(rows=4, prompt_len=128, steps=128),
+    "8 beams, prompt 32, 128 steps": dict(rows=8, prompt_len=32, steps=128, fork=True, reorder=True),
+    "8 beams, prompt 128, 128 steps": dict(rows=8, prompt_len=128, steps=128, fork=True, reorder=True),
+    "8 samples, prompt 128, 128 steps": dict(rows=8, prompt_len=128, steps=128, fork=True),
 }
+
+
+def _start(model, cache, prompt: torch.Tensor, case: dict, label: str) -> None:
+    """The prompt forward, as each side runs it: stock on every row, the plugin once per prompt then forked."""
+    rows = case["rows"]
+    if not case.get("fork"):
+        model(prompt, use_cache=True, **{CACHE_KWARG: cache})
+    elif label == "stock":
+        model(prompt[:1].expand(rows, -1), use_cache=True, **{CACHE_KWARG: cache})
+    else:
+        model(prompt[:1], use_cache=True, **{CACHE_KWARG: cache})
+        cache.batch_repeat_interleave(rows)
 
 
 def paired_steps(stock_model, paged_model, case: dict, rounds: int) -> dict:
@@ -39,17 +60,21 @@ def paired_steps(stock_model, paged_model, case: dict, rounds: int) -> dict:
     with torch.no_grad():
         for _ in range(rounds):
             caches = {"stock": DynamicCache(config=stock_model.config), "paged": PagedCache.from_model(paged_model)}
-            # What generate() tells the cache of a call whose rows share nothing: how long the rows will grow.
-            caches["paged"].expected_seq_len = case["prompt_len"] + case["steps"]
+            if not case.get("fork"):
+                # What generate() tells the cache of a call whose rows share nothing: how long the rows will grow.
+                caches["paged"].expected_seq_len = case["prompt_len"] + case["steps"]
             for label in models:
-                models[label](prompt, cache=caches[label], use_cache=True)
+                _start(models[label], caches[label], prompt, case, label)
             for step in range(case["steps"]):
                 position = torch.full((case["rows"], 1), case["prompt_len"] + step)
+                beam_idx = torch.randint(0, case["rows"], (case["rows"],), generator=generator)
                 seconds = {}
                 for label in ("stock", "paged") if step % 2 else ("paged", "stock"):
                     start = time.perf_counter()
-                    models[label](token, cache=caches[label], use_cache=True, position_ids=position,
-                                  cache_position=position[0])
+                    models[label](token, use_cache=True, position_ids=position, cache_position=position[0],
+                                  **{CACHE_KWARG: caches[label]})
+                    if case.get("reorder"):
+                        caches[label].reorder_cache(beam_idx)
                     seconds[label] = time.perf_counter() - start
                 for label in models:
                     times[label].append(seconds[label] * 1e6)

@@ -1,10 +1,16 @@
 """End-to-end generate() time, stock transformers vs paged-generate, in one process with alternating runs.
 
-    python benchmarks/speed.py [--repeats 5] [--out benchmarks/results/speed.json]
+    python benchmarks/speed.py [--repeats 5] [--cases NAME,...] [--out benchmarks/results/speed.json]
+    python benchmarks/speed.py --sweep 4-layer|100M [--repeats 3] [--out benchmarks/results/speed_sweep_4-layer.json]
 
-Model: the 4-layer GQA Llama of benchmarks/memory.py (hidden 256, 8 q-heads, 2 kv-heads), random weights, fp32.
-Prints a markdown table of median seconds (and the ratio stock / paged) and writes JSON. `--repeats` rounds per case
-(the short greedy case runs 4x as many), after one warm-up round.
+Models (random weights, fp32, benchmarks/bench_utils.py): the 4-layer GQA Llama (hidden 256, 8 q-heads, 2 kv-heads)
+and a ~100M-parameter Llama shape (12 layers, hidden 768, 12 q-heads, 4 kv-heads). Without `--sweep`, the named cases
+run on the 4-layer model; `--sweep` runs prompts of 16, 32, 128, 512 and 2048 tokens x (4 beams, 8 beams, 8 samples)
+on one model (128 new tokens on the 4-layer model, 64 on the 100M one).
+
+Each case runs `--repeats` rounds after one warm-up round; a round runs stock and paged back to back, in alternating
+order. Every round's paged tokens must equal stock's, or the script stops without reporting a time for wrong tokens.
+Prints a markdown table of median seconds and the ratio stock / paged, and writes JSON.
 """
 
 from __future__ import annotations
@@ -26,9 +32,21 @@ CASES = {
 }
 # A short case runs more rounds: a shared machine's hiccups are a larger share of a 0.4 s run than of a 3 s one.
 
+SWEEP_PROMPTS = (16, 32, 128, 512, 2048)
+SWEEP_MODES = {"4 beams": dict(num_beams=4), "8 beams": dict(num_beams=8),
+               "8 samples": dict(do_sample=True, num_return_sequences=8)}
+SWEEP_NEW_TOKENS = {"4-layer": 128, "100M": 64}
+_NOT_GENERATE_KWARGS = ("prompt_len", "new_tokens", "rounds_factor")
+
+
+def sweep_cases(model_name: str) -> dict:
+    new_tokens = SWEEP_NEW_TOKENS[model_name]
+    return {f"prompt {prompt} / {mode} / {new_tokens} new": dict(prompt_len=prompt, new_tokens=new_tokens, **kwargs)
+            for prompt in SWEEP_PROMPTS for mode, kwargs in SWEEP_MODES.items()}
+
 
 def time_generate(model, input_ids, case) -> tuple[float, torch.Tensor]:
-    kwargs = {k: v for k, v in case.items() if k not in ("prompt_len", "new_tokens", "rounds_factor")}
+    kwargs = {k: v for k, v in case.items() if k not in _NOT_GENERATE_KWARGS}
     torch.manual_seed(0)
     start = time.perf_counter()
     out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=case["new_tokens"],
@@ -37,19 +55,21 @@ def time_generate(model, input_ids, case) -> tuple[float, torch.Tensor]:
 
 
 def run_case(model, case, repeats: int) -> dict:
-    input_ids = torch.randint(3, model.config.vocab_size, (1, case["prompt_len"]), generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(3, model.config.vocab_size, (1, case["prompt_len"]),
+                              generator=torch.Generator().manual_seed(1))
     times = {"stock": [], "paged": []}
-    outputs = {}
     repeats *= case.get("rounds_factor", 1)
     for repeat in range(repeats + 1):  # the first round warms up both paths and is dropped
+        outputs = {}
         for label in ("stock", "paged") if repeat % 2 == 0 else ("paged", "stock"):
             (enable_paged_cache if label == "paged" else disable_paged_cache)(model)
             seconds, outputs[label] = time_generate(model, input_ids, case)
             if repeat:
                 times[label].append(seconds)
-    disable_paged_cache(model)
-    if not torch.equal(outputs["stock"], outputs["paged"]):
-        raise SystemExit("paged output differs from stock: refusing to report a time for wrong tokens")
+        disable_paged_cache(model)
+        if not torch.equal(outputs["stock"], outputs["paged"]):
+            raise SystemExit(f"paged output differs from stock in round {repeat}: refusing to report a time for wrong "
+                             f"tokens")
     stock, paged = statistics.median(times["stock"]), statistics.median(times["paged"])
     # Rounds run back to back, so the ratio within a round is less exposed to the machine's slow drifts.
     round_ratios = [s / p for s, p in zip(times["stock"], times["paged"])]
@@ -61,18 +81,24 @@ def run_case(model, case, repeats: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "speed.json"))
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names (without --sweep)")
+    parser.add_argument("--sweep", choices=sorted(SWEEP_NEW_TOKENS), help="run the prompt-length sweep on this model")
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/speed.json, or speed_sweep_MODEL.json)")
     args = parser.parse_args(argv)
-    model = build_model()
+    torch.set_num_threads(1)
+    model_name = args.sweep or "4-layer"
+    model = build_model(model_name)
+    cases = sweep_cases(args.sweep) if args.sweep else {name: CASES[name] for name in args.cases.split(",")}
+    out = args.out or str(RESULTS_DIR / (f"speed_sweep_{args.sweep}.json" if args.sweep else "speed.json"))
     results = {}
+    print(f"model: {model_name}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters\n")
     print("| case | rounds | stock s (median) | paged s (median) | stock / paged | median of per-round ratios |")
     print("|---|---|---|---|---|---|")
-    for name in args.cases.split(","):
-        result = results[name] = run_case(model, CASES[name], args.repeats)
-        print(f"| {name} | {len(result['stock_runs'])} | {result['stock_s']:.2f} | {result['paged_s']:.2f} | {result['speedup']:.2f}x "
-              f"| {result['median_round_speedup']:.2f}x |", flush=True)
-    write_json(args.out, {**run_info(), "results": results})
+    for name, case in cases.items():
+        result = results[name] = run_case(model, case, args.repeats)
+        print(f"| {name} | {len(result['stock_runs'])} | {result['stock_s']:.2f} | {result['paged_s']:.2f} "
+              f"| {result['speedup']:.2f}x | {result['median_round_speedup']:.2f}x |", flush=True)
+        write_json(out, {**run_info(), "model": model_name, "results": results})  # after each case: a long sweep
     return 0
 
 

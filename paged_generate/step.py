@@ -38,8 +38,12 @@ class PagedStep:
         self.num_copies = len(self.copy_src)
         self.shares_prefix = (shared is not None and shared.num_blocks > 0 and query_len == 1
                               and shared.max_group_size > 1)
-        # Rows are views of the pools (`row_layout`) and no prefix is split off: attention can read them in place.
-        self.reads_rows_in_place = self.row_layout is not None and not self.shares_prefix
+        # Tokens an unsplit decode attention reads again for every extra row of a group (see attention/split_rule.py).
+        self.redundant_prefix_tokens = (
+            (self.num_rows - shared.num_groups) * shared.num_blocks * block_size if self.shares_prefix else 0)
+        # Rows are views of the pools (`row_layout`) and share no prefix: attention can read them in place. (Rows of
+        # groups sharing a prefix are not laid out regularly: the layout is not even looked at.)
+        self.reads_rows_in_place = not self.shares_prefix and self.row_layout is not None
 
     @property
     def num_rows(self) -> int:

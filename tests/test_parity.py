@@ -85,7 +85,8 @@ def test_prompt_crossing_many_blocks(model):
     assert torch.equal(stock, paged)
 
 
-def test_shared_prefix_path_runs_and_groups_match_tables(model, monkeypatch):
+def _record_splits(monkeypatch):
+    """(group size, shared blocks) of every layer call that took the shared-prefix split."""
     import paged_generate.attention.dispatch as attention
 
     seen = []
@@ -100,7 +101,31 @@ def test_shared_prefix_path_runs_and_groups_match_tables(model, monkeypatch):
         return original(module, query, read, attention_mask, scaling)
 
     monkeypatch.setattr(attention, "_shared_prefix_forward", spy)
+    return seen
+
+
+def test_shared_prefix_path_runs_and_groups_match_tables(model, monkeypatch):
+    from paged_generate.attention import split_rule
+
+    monkeypatch.setitem(split_rule.SPLIT_MIN_REDUNDANT_TOKENS, "torch", 1)  # split whatever the prefix
+    seen = _record_splits(monkeypatch)
     for kwargs in (dict(num_beams=4), dict(do_sample=True, num_return_sequences=3)):
         stock, paged, _ = generate_both(model, **_inputs(), max_new_tokens=10, **kwargs)
         assert torch.equal(stock, paged)
     assert (4, 2) in seen and (3, 2) in seen  # 37-token prompts: two full blocks shared per group
+
+
+@pytest.mark.parametrize("prompt_len, splits", [(37, False), (101, True)])
+def test_split_rule_sides_are_both_token_identical(model, monkeypatch, prompt_len, splits):
+    # 4 beams of one prompt: 3 redundant rows x 32 (37 tokens) or 96 (101 tokens) shared tokens; a threshold between
+    # the two sends one case each way.
+    from paged_generate.attention import split_rule
+
+    monkeypatch.setitem(split_rule.SPLIT_MIN_REDUNDANT_TOKENS, "torch", 3 * 64)
+    assert split_rule.split_pays(3 * 96, "torch") and not split_rule.split_pays(3 * 32, "torch")
+    seen = _record_splits(monkeypatch)
+    input_ids, attention_mask = left_padded_prompts((prompt_len,))
+    stock, paged, _ = generate_both(model, input_ids=input_ids, attention_mask=attention_mask, pad_token_id=0,
+                                    max_new_tokens=12, num_beams=4)
+    assert torch.equal(stock, paged)
+    assert bool(seen) == splits

@@ -18,7 +18,8 @@ from .. import kernels
 from ..cache import PagedRead, paged_read_of
 from ..layout import strided_rows
 from .shared_prefix import shared_prefix_attention
-from .stock import needs_stock_attention, stock_attention, stock_attention_on_rows
+from .split_rule import split_pays
+from .stock import needs_stock_attention, stock_attention, stock_attention_on_rows, stock_cache_window
 
 __all__ = ["paged_attention", "paged_attention_forward", "paged_attention_forward_eager"]
 
@@ -57,15 +58,16 @@ def paged_attention(
     `implementation` ("sdpa" or "eager") is what stock transformers would run for this model; the registered name
     fixes it, so no per-layer config lookup is needed.
     """
-    step = read.step
     if not needs_stock_attention(implementation, query, kwargs):
         if read.use_triton and _kernel_can_serve(attention_mask, dropout, kwargs):
             return _triton_forward(query, read, attention_mask, _scale(module, query, scaling), kwargs), None
-        if _can_split_shared_prefix(step, dropout, kwargs):
+        if _can_split_shared_prefix(read, "torch", dropout, kwargs):
             return _shared_prefix_forward(module, query, read, attention_mask, scaling), None
     key, value = read.rows()
+    layer = read.layer
+    window = layer.stock_window if layer.stock_window_known else stock_cache_window(module)
     return stock_attention_on_rows(implementation, module, query, key, value, attention_mask, dropout=dropout,
-                                   scaling=scaling, **kwargs)
+                                   scaling=scaling, window=window, **kwargs)
 
 
 def _kernel_can_serve(attention_mask, dropout: float, kwargs: dict) -> bool:
@@ -80,7 +82,7 @@ def _triton_forward(query, read: PagedRead, attention_mask, scale: float, kwargs
         scale=scale, kv_start=device_step.kv_start(attention_mask), sliding_window=kwargs.get("sliding_window"),
         softcap=kwargs.get("softcap"),
     )
-    if step.shares_prefix:
+    if step.shares_prefix and split_pays(step.redundant_prefix_tokens, "triton"):
         return kernels.launch_shared_prefix_paged_attention(
             query, read.keys, read.values, seq_lens=device_step.seq_lens, **device_step.shared.kernel_args, **features
         )
@@ -92,9 +94,11 @@ def _scale(module, query, scaling) -> float:
     return scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
 
 
-def _can_split_shared_prefix(step, dropout: float, kwargs: dict) -> bool:
+def _can_split_shared_prefix(read: PagedRead, path: str, dropout: float, kwargs: dict) -> bool:
     # The PyTorch split has no softcap / sinks / dropout: those take the unsplit path.
-    return step.shares_prefix and not dropout and not kwargs.get("softcap") and kwargs.get("s_aux") is None
+    step = read.step
+    return (step.shares_prefix and not dropout and not kwargs.get("softcap") and kwargs.get("s_aux") is None
+            and split_pays(step.redundant_prefix_tokens, path))
 
 
 def _shared_prefix_forward(module, query, read: PagedRead, attention_mask, scaling) -> torch.Tensor:
@@ -116,5 +120,5 @@ def _shared_prefix_forward(module, query, read: PagedRead, attention_mask, scali
         suffix_tables=groups.suffix_tables, suffix_lens=step.seq_len - prefix_len, scale=_scale(module, query, scaling),
         prefix_visible=visible[groups.first_rows, :prefix_len] if visible is not None else None,
         suffix_visible=visible[:, prefix_len:] if visible is not None else None,
-        prefix_keys=prefix_keys, members=groups.members,
+        prefix_keys=prefix_keys, members=groups.members, uniform_group_size=step.shared.uniform_size,
     )

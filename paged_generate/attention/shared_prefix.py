@@ -95,6 +95,7 @@ def shared_prefix_attention(
     suffix_visible: torch.Tensor | None = None,
     prefix_keys: tuple[torch.Tensor, torch.Tensor] | None = None,
     members: GroupMembers | None = None,
+    uniform_group_size: int | None = None,
 ) -> torch.Tensor:
     """Decode attention (one query token per row) split into a per-group shared part and a per-row part.
 
@@ -109,6 +110,8 @@ def shared_prefix_attention(
     prefix_keys: optional (K, V) [num_groups, num_kv_heads, max_prefix_tokens, head_dim] already at hand (a view of
         the pool when the groups' blocks are laid out regularly), to skip gathering them
     members: `kernels.group_members(row_group, num_groups)` if already at hand (built here otherwise, with a sync)
+    uniform_group_size: set when group g is exactly rows [g * size, (g + 1) * size): members are then views (the
+        beams or samples of prompts); `members` and `row_group` are not read
     returns [num_rows, 1, num_q_heads, head_dim]
 
     Whole blocks are read and the slots past each length are masked, so they must hold finite values (PagedCache
@@ -121,24 +124,34 @@ def shared_prefix_attention(
     num_groups = prefix_tables.shape[0]
     block_size = key_cache.shape[1]
 
-    # Members of each group side by side: [num_groups, max_members] row ids, padded with row 0 and masked.
-    if members is None:
-        members = group_members(row_group, num_groups)
-    max_members = members.max_group_size
-    padded = torch.zeros(num_groups, max_members, dtype=torch.long, device=query.device)
-    padded[row_group, members.row_slot] = torch.arange(num_rows, device=query.device)
-
     # Shared part: [groups, kv_heads, members * per_kv, head_dim] queries against the group's prefix keys.
     q = query.view(num_rows, num_kv_heads, per_kv, head_dim)
-    q_groups = q[padded].permute(0, 2, 1, 3, 4).reshape(num_groups, num_kv_heads, max_members * per_kv, head_dim)
+    if uniform_group_size is not None:
+        max_members = uniform_group_size
+        q_members = q.view(num_groups, max_members, num_kv_heads, per_kv, head_dim)
+    else:
+        # Members of each group side by side: [num_groups, max_members] row ids, padded with row 0 and masked.
+        if members is None:
+            members = group_members(row_group, num_groups)
+        max_members = members.max_group_size
+        padded = torch.zeros(num_groups, max_members, dtype=torch.long, device=query.device)
+        padded[row_group, members.row_slot] = torch.arange(num_rows, device=query.device)
+        q_members = q[padded]
+    q_groups = q_members.permute(0, 2, 1, 3, 4).reshape(num_groups, num_kv_heads, max_members * per_kv, head_dim)
     max_prefix = prefix_tables.shape[1] * block_size
     if prefix_keys is None:
-        prefix_keys = (gather_rows(key_cache, prefix_tables, max_prefix), gather_rows(value_cache, prefix_tables, max_prefix))
+        prefix_keys = (gather_rows(key_cache, prefix_tables, max_prefix),
+                       gather_rows(value_cache, prefix_tables, max_prefix))
     k_prefix, v_prefix = prefix_keys
     visible = _visibility(prefix_lens, prefix_visible, k_prefix.shape[2], query.device)
     out_p, lse_p = attend_partial(q_groups, k_prefix, v_prefix, visible, scale)
-    out_p = out_p.view(num_groups, num_kv_heads, max_members, per_kv, head_dim)[row_group, :, members.row_slot]
-    lse_p = lse_p.view(num_groups, num_kv_heads, max_members, per_kv)[row_group, :, members.row_slot]
+    out_p = out_p.view(num_groups, num_kv_heads, max_members, per_kv, head_dim)
+    lse_p = lse_p.view(num_groups, num_kv_heads, max_members, per_kv)
+    if uniform_group_size is not None:  # back to rows: [num_rows, num_kv_heads, per_kv(, head_dim)]
+        out_p = out_p.transpose(1, 2).reshape(num_rows, num_kv_heads, per_kv, head_dim)
+        lse_p = lse_p.transpose(1, 2).reshape(num_rows, num_kv_heads, per_kv)
+    else:
+        out_p, lse_p = out_p[row_group, :, members.row_slot], lse_p[row_group, :, members.row_slot]
 
     # Own part: each row's blocks after the prefix.
     uniform = isinstance(suffix_lens, int)

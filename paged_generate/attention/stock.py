@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..patches.layer_windows import stock_cache_window
 from ..patches.model_checks import family_eager
 
-__all__ = ["needs_stock_attention", "stock_attention", "stock_attention_on_rows", "weights_wanted"]
+__all__ = ["needs_stock_attention", "stock_attention", "stock_attention_on_rows", "stock_cache_window", "weights_wanted"]
 
 # Set by the generate patch for a call with `output_attentions=True`: the paged forwards then return the weights the
 # stock implementation returns (eager: the weights; SDPA: none), which only the stock path computes.
@@ -52,10 +52,10 @@ def needs_stock_attention(implementation: str, query: torch.Tensor, kwargs: dict
 
 
 def stock_attention_on_rows(implementation: str, module, query, key, value, attention_mask, dropout=0.0,
-                            scaling=None, **kwargs):
+                            scaling=None, *, window: int | None, **kwargs):
     """`stock_attention` on every row's K/V [rows, kv_heads, seq_len, head_dim] read from the pool, cut to what
-    stock's cache would hand the layer (see the module docstring)."""
-    window = stock_cache_window(module)
+    stock's cache would hand the layer (see the module docstring): `window` is the sliding window stock's cache keeps
+    for the layer (`stock_cache_window`), None for the whole history."""
     seq_len, query_len = key.shape[2], query.shape[2]
     if window is not None:
         keep = min(seq_len - query_len, window - 1) + query_len

@@ -106,6 +106,15 @@ class BlockAllocator:
     def incref(self, ids: np.ndarray, times: int = 1) -> None:
         np.add.at(self.ref_counts, ids, times)
 
+    def replace_references(self, new_ids: np.ndarray, old_ids: np.ndarray) -> None:
+        """Table entries `old_ids` become `new_ids` (a fork, select or beam reorder): counts move by the difference;
+        blocks left unreferenced are freed. One pass over the pool's counts, however many entries move."""
+        delta = np.bincount(new_ids, minlength=self.capacity) - np.bincount(old_ids, minlength=self.capacity)
+        self.ref_counts += delta
+        if (self.ref_counts < 0).any():
+            raise AssertionError(f"negative reference count on blocks {np.flatnonzero(self.ref_counts < 0)}")
+        self._push_free(np.flatnonzero((delta < 0) & (self.ref_counts == 0)))
+
     def decref(self, ids: np.ndarray) -> None:
         """Drop one reference per entry of `ids` (repeats allowed); blocks reaching 0 are freed."""
         if len(ids) == 0:

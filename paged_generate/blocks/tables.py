@@ -54,7 +54,7 @@ class BlockTables:
 
     def blocks_needed_to_append(self, num_tokens: int) -> int:
         """Blocks `append(num_tokens)` would take: copies of shared partial blocks plus fresh blocks."""
-        return self._num_copies() + self.num_rows * self._num_new_columns(num_tokens)
+        return len(self._rows_to_copy()) + self.num_rows * self._num_new_columns(num_tokens)
 
     def append(self, num_tokens: int) -> BlockCopies:
         """Reserve slots for `num_tokens` more tokens in every row; returns the copies to make before writing.
@@ -66,10 +66,11 @@ class BlockTables:
             # Most decode steps: every row's last block has room and is its own; nothing to allocate or copy.
             self.seq_len += 1
             return NO_COPIES
-        needed = self.blocks_needed_to_append(num_tokens)
+        rows_to_copy = self._rows_to_copy()
+        needed = len(rows_to_copy) + self.num_rows * self._num_new_columns(num_tokens)
         if not self.allocator.can_allocate(needed):
             raise self.allocator.shortage(needed)  # before any state changes
-        copies = self._copy_shared_tail()
+        copies = self._copy_tails(rows_to_copy)
         num_new = self._num_new_columns(num_tokens)
         if num_new:
             self.tables = np.concatenate([self.tables, self._fresh_columns(num_new)], axis=1)
@@ -110,8 +111,7 @@ class BlockTables:
 
     def _share(self, source_rows: np.ndarray) -> None:
         new_tables = self.tables[source_rows]
-        self.allocator.incref(new_tables.ravel())
-        self.allocator.decref(self.tables.ravel())
+        self.allocator.replace_references(new_tables.ravel(), self.tables.ravel())
         self.tables = new_tables
         self._tails_may_be_shared = True
         if self.shared is not None:
@@ -139,25 +139,23 @@ class BlockTables:
     def _num_new_columns(self, num_tokens: int) -> int:
         return cdiv(self.seq_len + num_tokens, self.block_size) - self.tables.shape[1]
 
-    def _has_partial_tail(self) -> bool:
-        return self._tails_may_be_shared and self.seq_len % self.block_size != 0 and self.num_rows > 0
-
-    def _rows_sharing_tail(self) -> np.ndarray:
-        """Rows whose last block is partial and referenced elsewhere, except the first row holding each such block."""
+    def _rows_to_copy(self) -> np.ndarray:
+        """Rows whose last block is partial and referenced elsewhere, except the first row holding each such block
+        (it keeps the block when the other references are all tails about to be copied)."""
+        if not (self._tails_may_be_shared and self.seq_len % self.block_size and self.num_rows):
+            return _NO_BLOCKS
         tails = self.tables[:, -1]
-        _, first_row = np.unique(tails, return_index=True)
+        if self.num_rows == 1:
+            return _NO_BLOCKS if self.allocator.ref_counts[tails[0]] == 1 else np.zeros(1, dtype=np.int64)
+        _, first_row, tail_counts = np.unique(tails, return_index=True, return_counts=True)
         writes_in_place = np.zeros(self.num_rows, dtype=bool)
-        writes_in_place[first_row] = self.allocator.ref_counts[tails[first_row]] == np.bincount(tails)[tails[first_row]]
-        return ~writes_in_place
+        writes_in_place[first_row] = self.allocator.ref_counts[tails[first_row]] == tail_counts
+        return np.flatnonzero(~writes_in_place)
 
-    def _num_copies(self) -> int:
-        return int(self._rows_sharing_tail().sum()) if self._has_partial_tail() else 0
-
-    def _copy_shared_tail(self) -> BlockCopies:
-        if not self._has_partial_tail():
-            return NO_COPIES
-        rows = np.flatnonzero(self._rows_sharing_tail())
+    def _copy_tails(self, rows: np.ndarray) -> BlockCopies:
         self._tails_may_be_shared = False
+        if not len(rows):
+            return NO_COPIES
         src = self.tables[rows, -1]
         dst = self.allocator.allocate(len(rows))
         self.allocator.decref(src)

@@ -60,13 +60,22 @@ def _count_kernel_calls(model, seed, kwargs):
     return calls
 
 
-def test_beam_search_with_kernels(model, device):
+@pytest.mark.parametrize("split", [True, False], ids=["split", "unsplit"])
+def test_beam_search_with_kernels(model, device, split, monkeypatch):
+    from paged_generate.attention import split_rule
+
+    # The 21-token prompts leave one full block shared by each prompt's beams: far below the threshold where the split
+    # pays, so it is forced for one case.
+    if split:
+        monkeypatch.setitem(split_rule.SPLIT_MIN_REDUNDANT_TOKENS, "triton", 1)
     stock, paged, calls = _both(model, device, max_new_tokens=8, num_beams=3, num_return_sequences=2)
     assert torch.equal(sequences(stock), sequences(paged))
-    # Every layer runs a kernel: the plain one for the prompt, the shared-prefix one for the decode step (the
-    # 21-token prompts leave one full block shared by each prompt's beams).
+    # Every layer runs a kernel: the plain one for the prompt, then for the decode step the shared-prefix one when the
+    # split pays, else the plain one again.
     layers = model.config.num_hidden_layers
-    assert calls == {"launch_paged_attention": layers, "launch_shared_prefix_paged_attention": layers}
+    expected = {"launch_paged_attention": layers, "launch_shared_prefix_paged_attention": layers} if split else {
+        "launch_paged_attention": 2 * layers, "launch_shared_prefix_paged_attention": 0}
+    assert calls == expected
 
 
 def test_sampling_with_kernels(model, device):
