@@ -11,6 +11,7 @@ from .errors import UnsupportedModelError
 from .patches import generate as generate_patch
 from .patches.attention_impl import implementation_of, paged_name_for, switch_attention
 from .patches.model_checks import family_eager, keeps_recurrent_state, uses_attention_registry
+from .patches.tensor_parallel import tensor_parallel_of
 from .stats import CacheStats
 
 __all__ = ["cache_stats", "disable_paged_cache", "enable_paged_cache", "is_paged_cache_enabled"]
@@ -155,6 +156,23 @@ def _check_supported(model) -> None:
             f"model's modeling file, and that file has none. Load the model with attn_implementation='sdpa'. "
             f"{SUPPORTED_MODELS_HINT}"
         )
+    _check_tensor_parallel(model)
+
+
+def _check_tensor_parallel(model) -> None:
+    tensor_parallel = tensor_parallel_of(model)
+    if tensor_parallel is None or _kv_heads_per_rank(model) is not None:
+        return
+    num_kv_heads, size = _num_kv_heads(model), tensor_parallel.size
+    fits = [str(ranks) for ranks in range(2, num_kv_heads + 1) if num_kv_heads % ranks == 0]
+    remedy = f"on {' or '.join(fits)} ranks (torchrun --nproc_per_node)" if fits else "without tensor parallelism"
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is sharded over {size} ranks by a tensor-parallel plan that splits its key/value "
+        f"projections by columns ({', '.join(sorted(tensor_parallel.kv_splits))}), and its KV heads ({num_kv_heads}) "
+        f"do not divide by {size}: each rank would hold part of a head (a slice of head_dim), which the block pools "
+        f"cannot hold and the model's attention cannot reshape either. Run it {remedy}, or spread its layers over "
+        f"devices with device_map instead of tp_plan."
+    )
 
 
 def _switch_attention(model, name: str) -> None:
@@ -168,9 +186,20 @@ def _switch_attention(model, name: str) -> None:
 
 
 def _bytes_per_token(model) -> int:
+    """K/V bytes of one token over all layers in this process: under tensor parallelism, its own heads only."""
     config = model.config.get_text_config(decoder=True)
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element_size = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * num_kv_heads * head_dim * element_size * config.num_hidden_layers
+    return 2 * _kv_heads_per_rank(model) * head_dim * element_size * config.num_hidden_layers
+
+
+def _num_kv_heads(model) -> int:
+    config = model.config.get_text_config(decoder=True)  # the global count, also on a tensor-parallel rank
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _kv_heads_per_rank(model) -> int | None:
+    """The KV heads this process's attention layers receive (None: a tensor-parallel plan cuts heads apart)."""
+    tensor_parallel = tensor_parallel_of(model)
+    num_kv_heads = _num_kv_heads(model)
+    return num_kv_heads if tensor_parallel is None else tensor_parallel.kv_heads_per_rank(num_kv_heads)

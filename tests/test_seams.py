@@ -137,3 +137,28 @@ def test_cpu_flash_attention_op_returns_lse():
     assert lse.shape == (2, 3, 1), _moved("the fused CPU flash op's log-sum-exp changed shape")
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
     torch.testing.assert_close(out, torch.softmax(scores, -1) @ value)
+
+
+def test_tensor_parallel_size_plan_and_styles():
+    # tests/test_tensor_parallel.py runs the real thing under torchrun; this says which of its assumptions moved.
+    from torch.distributed.tensor import Replicate, Shard
+    from transformers.distributed import mixin
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    from paged_generate.patches.tensor_parallel import HEAD_SPLITTING_STYLES, KV_PROJECTIONS, tensor_parallel_of
+
+    model = tiny_model("llama")
+    assert getattr(model, "_tp_size", "gone") is None, _moved("an unsharded model no longer has `_tp_size = None`")
+    assert "model._tp_size = " in inspect.getsource(mixin.DistributedMixin.maybe_distribute_model), _moved(
+        "sharding a model no longer sets `model._tp_size`")
+    assert tensor_parallel_of(model) is None
+    kv_styles = {name: style for name, style in model.tp_plan.items() if name.rsplit(".", 1)[-1] in KV_PROJECTIONS}
+    assert sorted(name.rsplit(".", 1)[-1] for name in kv_styles) == ["k_proj", "v_proj"], _moved(
+        f"Llama's tp_plan no longer names its key/value projections: {model.tp_plan}")
+    assert set(kv_styles.values()) <= HEAD_SPLITTING_STYLES, _moved(f"Llama's KV projections use {kv_styles}")
+    colwise = ALL_PARALLEL_STYLES["colwise"]
+    assert colwise.output_layouts == Shard(-1) and colwise.use_local_output, _moved(
+        "'colwise' no longer leaves each rank its own slice of the output features")
+    assert ALL_PARALLEL_STYLES["packed_colwise"].use_local_output, _moved("'packed_colwise' now gathers its output")
+    assert ALL_PARALLEL_STYLES["colwise_gather_output"].output_layouts == Replicate(), _moved(
+        "'colwise_gather_output' no longer gathers every head on every rank")

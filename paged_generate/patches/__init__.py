@@ -6,6 +6,7 @@ fails with the transformers version and what moved.
 - attention_impl.py: which attention a model runs (`config._attn_implementation`) and switching it
 - model_checks.py: `_supports_*` flags and modeling-source inspection behind `enable_paged_cache`'s refusals
 - layer_windows.py: the sliding windows stock's cache keeps per layer
+- tensor_parallel.py: how many ranks `tp_plan` sharded a model over (`_tp_size`) and the KV heads each receives
 - torch_ops.py: the fused CPU flash-attention op that returns its log-sum-exp
 - generate.py: per-model overrides of three `GenerationMixin` methods (the paged cache, prefill once)
 """
