@@ -157,7 +157,7 @@ class PagedLayer(CacheLayerMixin):
         """Every row's K and V [num_rows, num_kv_heads, seq_len, head_dim]: views of the pools when the rows' blocks
         are laid out regularly, else gathered through the block tables."""
         seq_len = step.seq_len
-        if step.row_layout is None:
+        if step.shares_prefix or step.row_layout is None:  # rows sharing a prefix are never laid out regularly
             tables = step.on(self.device).block_tables
             return gather_rows(self.keys, tables, seq_len), gather_rows(self.values, tables, seq_len)
         views = self._rows_views(step)
