@@ -59,7 +59,7 @@ def paged_attention(
     """
     step = read.step
     if not needs_stock_attention(implementation, query, kwargs):
-        if read.use_triton and _kernel_can_serve(attention_mask, dropout, kwargs):
+        if read.use_triton and _kernel_can_serve(read, query, attention_mask, dropout, kwargs):
             return _triton_forward(query, read, attention_mask, _scale(module, query, scaling), kwargs), None
         if _can_split_shared_prefix(step, dropout, kwargs):
             return _shared_prefix_forward(module, query, read, attention_mask, scaling), None
@@ -68,10 +68,13 @@ def paged_attention(
                                    scaling=scaling, **kwargs)
 
 
-def _kernel_can_serve(attention_mask, dropout: float, kwargs: dict) -> bool:
-    # The kernel knows left padding + causality + window + softcap; anything else goes to the PyTorch path.
+def _kernel_can_serve(read: PagedRead, query, attention_mask, dropout: float, kwargs: dict) -> bool:
+    # The kernel knows left padding + causality + window + softcap; anything else goes to the PyTorch path, as does a
+    # prompt whose mask lets some keys see later ones (Gemma 3's bidirectional image tokens).
     boolean_mask = attention_mask is None or attention_mask.dtype == torch.bool
-    return boolean_mask and not dropout and kwargs.get("s_aux") is None
+    if not boolean_mask or dropout or kwargs.get("s_aux") is not None:
+        return False
+    return query.shape[2] == 1 or not read.device_step.sees_ahead(attention_mask)
 
 
 def _triton_forward(query, read: PagedRead, attention_mask, scale: float, kwargs: dict) -> torch.Tensor:
