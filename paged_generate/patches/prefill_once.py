@@ -112,7 +112,7 @@ def _plan(model, cache, input_ids, generation_config, model_kwargs, prompt_input
     ):
         return None
     inputs = _prompt_inputs(model_kwargs, prompt_inputs)
-    if inputs is None:
+    if inputs is None or _rows_of_a_prompt_differ(prompt_inputs):
         return None
     return PrefillRows.one_per_prompt(num_rows, expand), inputs
 
@@ -129,6 +129,26 @@ def _prompt_inputs(model_kwargs: dict, prompt_inputs: PromptInputs) -> dict | No
             value = prompt_inputs.kwargs[key]
         inputs[key] = value
     return inputs
+
+
+def _rows_of_a_prompt_differ(prompt_inputs: PromptInputs) -> bool:
+    """Whether generate() may have given the rows of one prompt different inputs: it repeated, one by one, items that
+    are not one per prompt (a prompt's several images, before transformers 5.24 grouped them), so that a row holds
+    another row's images. Computing each prompt once would then not give stock's rows. Items that are all alike
+    (image grids of one size) are harmless, however repeated."""
+    for key, expanded in prompt_inputs.expanded.items():
+        before = prompt_inputs.kwargs.get(key)
+        if (
+            isinstance(before, torch.Tensor)
+            and isinstance(expanded, torch.Tensor)
+            and before.ndim >= 1
+            and before.shape[0] != prompt_inputs.num_prompts
+            and expanded.shape[0] == before.shape[0] * prompt_inputs.expand
+            and not torch.equal(before[1:], before[:-1])
+            and torch.equal(expanded, before.repeat_interleave(prompt_inputs.expand, dim=0))
+        ):
+            return True
+    return False
 
 
 def _snapshot(value):
