@@ -17,7 +17,7 @@ from .patches.attention_impl import (
     stop_following_switches,
     switch_attention,
 )
-from .patches.compile_boundary import compile_attention_eagerly, restore_attention_forwards
+from .patches.compile_boundary import attention_modules, compile_attention_eagerly, restore_attention_forwards
 from .patches.model_checks import family_eager, keeps_recurrent_state, uses_attention_registry
 from .patches.wrapped_models import peft_adapter_types, transformers_model_of
 from .stats import CacheStats
@@ -138,7 +138,7 @@ def _on_attention_switch(model, implementation) -> None:
     restores it) and run its paged stand-in; or refuse, back on the previous stand-in."""
     state = getattr(model, _STATE_ATTR)
     stand_in = _stand_in(model, implementation)
-    if stand_in == ATTENTION_NAME_EAGER and family_eager(type(model)) is None:
+    if stand_in == ATTENTION_NAME_EAGER and not _has_family_eager(model):
         switch_attention(model, _stand_in(model, state.attn_implementation))
         raise UnsupportedModelError(_no_family_eager(type(model).__name__, implementation))
     state.attn_implementation = implementation
@@ -201,13 +201,18 @@ def _check_supported(model, wrapper) -> None:
             f"e.g. with ALiBi biases), so it would never read the paged cache's blocks. {SUPPORTED_MODELS_HINT}"
         )
     implementation = decoder_implementation(model)
-    if _stand_in(model, implementation) == ATTENTION_NAME_EAGER and family_eager(type(model)) is None:
+    if _stand_in(model, implementation) == ATTENTION_NAME_EAGER and not _has_family_eager(model):
         raise UnsupportedModelError(_no_family_eager(name, implementation))
+
+
+def _has_family_eager(model) -> bool:
+    """Whether every attention module's modeling file has the eager function the eager stand-in runs."""
+    return all(family_eager(type(module)) is not None for module in attention_modules(model))
 
 
 def _no_family_eager(name: str, implementation) -> str:
     return (f"{name} runs {implementation!r} attention, which the plugin reproduces with the `eager_attention_forward` "
-            f"of the model's modeling file, and that file has none. Load the model with attn_implementation='sdpa'. "
+            f"of its attention's modeling file, and that file has none. Load the model with attn_implementation='sdpa'. "
             f"{SUPPORTED_MODELS_HINT}")
 
 

@@ -25,7 +25,7 @@ __all__ = ["paged_attention", "paged_attention_forward", "paged_attention_forwar
 
 def paged_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Registered as `ATTENTION_NAME`: models that ran SDPA before the plugin (see `paged_attention`)."""
-    read = paged_read_of(key)
+    read = _paged_read_of(key)
     if read is None:  # ordinary K/V (rows read in place, or no paged cache): stock SDPA, no detour
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -34,11 +34,17 @@ def paged_attention_forward(module, query, key, value, attention_mask, dropout=0
 
 def paged_attention_forward_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Registered as `ATTENTION_NAME_EAGER`: models that ran their family's eager attention before the plugin."""
-    read = paged_read_of(key)
+    read = _paged_read_of(key)
     if read is None:
         return stock_attention("eager", module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                **kwargs)
     return paged_attention("eager", read, module, query, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _paged_read_of(key):
+    # Under torch.compile the K/V are never paged (attention modules given a paged cache run outside the graph, see
+    # patches/compile_boundary.py): skip the lookup, which dynamo cannot trace.
+    return None if torch.compiler.is_compiling() else paged_read_of(key)
 
 
 def paged_attention(

@@ -1,4 +1,5 @@
-"""Where `torch.compile` stops: an enabled model's attention modules run outside the compiled graph.
+"""Where `torch.compile` stops: an enabled model's attention modules, given a paged cache, run outside the compiled
+graph.
 
 Each attention module stores K/V through the paged cache, whose per-step block bookkeeping (numpy tables, a plan per
 forward) dynamo cannot trace. Left in the graph, every layer breaks it at the cache update and the attention call, and
@@ -16,6 +17,8 @@ from __future__ import annotations
 import types
 
 import torch
+
+from ..cache import PagedCache
 
 __all__ = ["attention_modules", "compile_attention_eagerly", "restore_attention_forwards"]
 
@@ -49,9 +52,14 @@ def restore_attention_forwards(model) -> None:
 
 
 def _forward_outside_compiled_graph(self, *args, **kwargs):
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and _given_a_paged_cache(args, kwargs):
         return _eagerly(self, *args, **kwargs)
     return _own_forward(self)(*args, **kwargs)
+
+
+def _given_a_paged_cache(args, kwargs) -> bool:
+    # Other caches (a static one, none) compile as stock's do.
+    return any(isinstance(value, PagedCache) for value in (*args, *kwargs.values()))
 
 
 @torch.compiler.disable
