@@ -58,8 +58,9 @@ def enable_paged_cache(
     backend : "auto" (Triton kernels for CUDA layers, PyTorch elsewhere), "triton" or "torch" to force one. The
         environment variable PAGED_GENERATE_BACKEND overrides "auto".
 
-    Returns `model` (the object given), enabled. Enabling an enabled model updates its settings. A cache passed explicitly to
-    `generate` is used as is; `use_cache=False` and `cache_implementation="static"` etc. keep stock behaviour.
+    Returns `model` (the object given), enabled. Enabling an enabled model updates its settings. A cache passed
+    explicitly to `generate` is used as is (one an earlier call returned continues a conversation); `use_cache=False`
+    and `cache_implementation="static"` etc. keep stock behaviour.
 
     Example
     -------
@@ -212,8 +213,8 @@ def _has_family_eager(model) -> bool:
 
 def _no_family_eager(name: str, implementation) -> str:
     return (f"{name} runs {implementation!r} attention, which the plugin reproduces with the `eager_attention_forward` "
-            f"of its attention's modeling file, and that file has none. Load the model with attn_implementation='sdpa'. "
-            f"{SUPPORTED_MODELS_HINT}")
+            f"of its attention's modeling file, and that file has none. Load the model with "
+            f"attn_implementation='sdpa'. {SUPPORTED_MODELS_HINT}")
 
 
 def _switch_attention(model, name: str) -> None:

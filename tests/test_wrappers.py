@@ -77,9 +77,10 @@ def test_lora_model_every_function_agrees(mode):
         for view in (held, held.base_model, held.get_base_model(), model):
             assert is_paged_cache_enabled(view)
         assert model.config._attn_implementation == ATTENTION_NAME
-        with capture_caches(held) as captured:
+        with capture_caches(held, record_steps=True) as captured:
             held.generate(**_inputs(), **MODES[mode])
         assert len(captured.caches) == 1 and cache_stats(held) is cache_stats(model)
+        assert len(captured.steps) == 6  # the prompt forward and 5 decode steps, watched through the wrapper
         assert cache_stats(held).prefill_rows == 2
     finally:
         disable_paged_cache(held)
@@ -225,8 +226,9 @@ def test_compiled_peft_model_and_peft_model_of_a_compiled_model():
 
 
 def _compiled_generate(layers: int, max_new_tokens: int, paged: bool, **mode):
-    """(tokens, graphs dynamo compiled, graph breaks) of generate() on a tiny Llama whose forward is compiled (`model.compile`, the
-    "eager" backend: dynamo's tracing and guards without code generation), failing on dynamo's recompile limit."""
+    """(tokens, graphs dynamo compiled, graph breaks) of generate() on a tiny Llama whose forward is compiled
+    (`model.compile`, the "eager" backend: dynamo's tracing and guards without code generation), failing on dynamo's
+    recompile limit."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -238,8 +240,8 @@ def _compiled_generate(layers: int, max_new_tokens: int, paged: bool, **mode):
     model.compile(backend="eager")
     torch._dynamo.reset()
     counters.clear()
-    limit = {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else {}
-    with torch._dynamo.config.patch(**limit):
+    fail = {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else {}
+    with torch._dynamo.config.patch(**fail):
         torch.manual_seed(0)
         tokens = model.generate(**_inputs(max_new_tokens), **mode)
     graphs = counters["stats"]["unique_graphs"]

@@ -56,6 +56,10 @@ class PrefillRows:
     computed: int64 [num_computed], rows of that batch the forward runs on
     source: int64 [num_rows], for each row of the batch the index (into `computed`) of the row it takes outputs and
         blocks from
+
+    The forward's inputs come one copy per prompt (`_prompt_inputs`): a plan computing only some prompts (equal
+    prompts computed once) must pick those prompts from them, which row inputs allow (their first dimension) and
+    inputs not one per prompt (images) do not.
     """
 
     computed: np.ndarray
