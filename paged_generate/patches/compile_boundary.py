@@ -22,7 +22,8 @@ from ..cache import PagedCache
 
 __all__ = ["attention_modules", "compile_attention_eagerly", "restore_attention_forwards"]
 
-_SAVED = "_paged_generate_forward"  # the instance `forward` a module had before (None: the class's)
+_SAVED = "_paged_generate_saved_forward"  # the instance `forward` a module had before (None: the class's), to restore
+_OWN = "_paged_generate_own_forward"  # the forward to run: that instance one, or the class's bound to the module
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -32,12 +33,15 @@ def attention_modules(model) -> list[torch.nn.Module]:
 
 
 def compile_attention_eagerly(model) -> None:
-    """Under `torch.compile`, run each attention module's forward eagerly (a graph break around it); outside it, call
-    the forward as before (one extra Python call, no dynamo machinery)."""
+    """Under `torch.compile`, run each attention module's forward eagerly (a graph break around it) when it is given a
+    paged cache; otherwise call the forward as before (one extra Python call, no dynamo machinery)."""
     for module in attention_modules(model):
         if _SAVED in module.__dict__:
             continue
-        module.__dict__[_SAVED] = module.__dict__.get("forward")
+        previous = module.__dict__.get("forward")
+        module.__dict__[_SAVED] = previous
+        # Bound methods, not closures: a deep copy of the model rebinds them to the copied module.
+        module.__dict__[_OWN] = previous if previous is not None else types.MethodType(type(module).forward, module)
         module.forward = types.MethodType(_forward_outside_compiled_graph, module)
 
 
@@ -45,6 +49,7 @@ def restore_attention_forwards(model) -> None:
     for module in model.modules():
         if _SAVED in module.__dict__:
             previous = module.__dict__.pop(_SAVED)
+            del module.__dict__[_OWN]
             if previous is None:
                 module.__dict__.pop("forward", None)
             else:
@@ -54,7 +59,7 @@ def restore_attention_forwards(model) -> None:
 def _forward_outside_compiled_graph(self, *args, **kwargs):
     if torch.compiler.is_compiling() and _given_a_paged_cache(args, kwargs):
         return _eagerly(self, *args, **kwargs)
-    return _own_forward(self)(*args, **kwargs)
+    return self.__dict__[_OWN](*args, **kwargs)
 
 
 def _given_a_paged_cache(args, kwargs) -> bool:
@@ -64,10 +69,4 @@ def _given_a_paged_cache(args, kwargs) -> bool:
 
 @torch.compiler.disable
 def _eagerly(module, *args, **kwargs):
-    return _own_forward(module)(*args, **kwargs)
-
-
-def _own_forward(module):
-    """The forward the module had before (an instance one, e.g. accelerate's offloading hook, or its class's)."""
-    previous = module.__dict__.get(_SAVED)
-    return previous if previous is not None else type(module).forward.__get__(module)
+    return module.__dict__[_OWN](*args, **kwargs)
