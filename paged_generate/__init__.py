@@ -17,7 +17,8 @@ Map of the package (each layer imports only from the ones above it):
 - kernels/      Triton kernels and their PyTorch references; import nothing else of this package.
 - patches/      the only place that touches transformers' (and torch's) private internals, each guarded by
                 tests/test_seams.py; patches/generate.py overrides generate()'s cache creation and prefill.
-- enable.py     the public switch; capture.py watches calls; stats.py, errors.py, backend.py are leaves.
+- enable.py     the public switch, taking the model or any wrapper of it (PEFT, torch.compile); capture.py watches
+                calls; stats.py, errors.py, backend.py are leaves.
 """
 
 from .blocks import BlockAllocator, BlockTables

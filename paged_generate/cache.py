@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from .patches.layer_windows import stock_cache_windows
 from .stats import CacheStats
 from .step import DeviceStep, PagedStep
 
-__all__ = ["PagedCache", "PagedLayer", "PagedRead", "paged_read_of"]
+__all__ = ["PagedCache", "PagedLayer", "PagedRead", "forget_handed_over", "paged_read_of"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ def paged_read_of(key: torch.Tensor) -> PagedRead | None:
     return read if read is not None and read.layer.keys is key else None
 
 
+def forget_handed_over() -> None:
+    """Drop the last read handed over (end of a generate() call), so that it keeps no cache alive."""
+    _handed_over.set(None)
+
+
 @dataclass(frozen=True)
 class _RowsViews:
     """Every row's K and V as views of one layer's pools, reaching `reach` >= seq_len tokens."""
@@ -87,7 +93,9 @@ class PagedLayer(CacheLayerMixin):
 
     def __init__(self, cache: "PagedCache"):
         super().__init__()
-        self.cache = cache
+        # Weak: a cache a generate() call returns is freed, pools included, as soon as the caller drops it (a layer
+        # referring back to it would leave that to the cycle collector, which may not run for a long while).
+        self._cache = weakref.ref(cache)
         self.num_written = 0  # tokens per row this layer has stored; lags the cache's length mid-forward
         self.bytes_per_token = 0
         self.use_triton = False
@@ -97,6 +105,10 @@ class PagedLayer(CacheLayerMixin):
         self.stock_window_known = False
         self._pool_blocks = -1  # blocks in this layer's pools; -1 before they exist
         self._views: _RowsViews | None = None
+
+    @property
+    def cache(self) -> "PagedCache":
+        return self._cache()
 
     def set_stock_window(self, window: int | None) -> None:
         self.stock_window, self.stock_window_known = window, True
@@ -277,12 +289,14 @@ class PagedCache(Cache):
         return self._step
 
     def _plan(self, num_rows: int, query_len: int) -> PagedStep:
+        # Every forward, not only a call's first: a cache an earlier call returned may be continued on a model that
+        # has been disabled since.
+        if self.model_config is not None and not runs_paged_attention(self.model_config):
+            raise ValueError(
+                f"PagedCache: the model runs {implementation_of(self.model_config)!r} attention, which cannot read "
+                f"the cache's block pools. Call `enable_paged_cache(model)` before generating with a PagedCache."
+            )
         if self.tables.seq_len == 0:  # a call's first forward
-            if self.model_config is not None and not runs_paged_attention(self.model_config):
-                raise ValueError(
-                    f"PagedCache: the model runs {implementation_of(self.model_config)!r} attention, which cannot read "
-                    f"the cache's block pools. Call `enable_paged_cache(model)` before generating with a PagedCache."
-                )
             if self.tables.num_rows != num_rows:
                 self._note_peaks()
                 self.tables.free()
@@ -339,6 +353,11 @@ class PagedCache(Cache):
             return
         self.tables.fork(repeats)
 
+    def fork_rows(self, source_rows: np.ndarray) -> None:
+        """New row j shares every block of row `source_rows[j]` (prompts forked to their beams / samples)."""
+        if self.tables.seq_len:
+            self.tables.fork_rows(np.asarray(source_rows, dtype=np.int64))
+
     def crop(self, tokens_to_remove: int) -> None:
         """`crop(-n)` forgets the last n tokens of every row; blocks left empty are freed."""
         self._note_peaks()
@@ -353,6 +372,13 @@ class PagedCache(Cache):
         self._step = None
         for layer in self.layers:
             layer.reset()
+
+    def start_call(self) -> None:
+        """A generate() call continues this cache (multi-turn): its figures start from what the cache holds now."""
+        self._max_rows, self._max_seq_len = self.tables.num_rows, self.tables.seq_len
+        self._peak_capacity = self.allocator.capacity
+        self.allocator.peak_used = self.allocator.num_used
+        self.prefill_rows = None
 
     def release(self) -> CacheStats:
         """Free every block and drop the pools (end of a generate() call); returns the call's figures."""

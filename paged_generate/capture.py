@@ -11,6 +11,7 @@ import numpy as np
 from .cache import PagedCache
 from .enable import plugin_state
 from .patches.compat import CACHE_KWARG
+from .patches.wrapped_models import transformers_model_of
 
 __all__ = ["CapturedCalls", "StepRecord", "capture_caches"]
 
@@ -36,8 +37,8 @@ class StepRecord:
 @dataclass
 class CapturedCalls:
     """What `capture_caches` collected: every `PagedCache` the calls created (released at the end of their call, as
-    usual: `cache.stats()` and the allocator's figures stay readable), and with `record_steps` a `StepRecord` after
-    every forward."""
+    usual, unless the call returned it: `cache.stats()` and the allocator's figures stay readable), and with
+    `record_steps` a `StepRecord` after every forward."""
 
     caches: list[PagedCache] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
@@ -47,7 +48,8 @@ class CapturedCalls:
 def capture_caches(model, *, record_steps: bool = False) -> Iterator[CapturedCalls]:
     """Collect the paged caches of the generate() calls made on the enabled `model` inside the block.
 
-    Calls from other threads on the same model are collected too.
+    Calls from other threads on the same model are collected too. `model` may be a wrapper (a PEFT model, a compiled
+    module): the forwards watched are those of the transformers model inside.
 
     Example
     -------
@@ -59,7 +61,8 @@ def capture_caches(model, *, record_steps: bool = False) -> Iterator[CapturedCal
     state = plugin_state(model, "capture_caches")
     captured = CapturedCalls()
     state.watchers.append(captured.caches)
-    handle = model.register_forward_hook(_step_recorder(captured), with_kwargs=True) if record_steps else None
+    inner = transformers_model_of(model)
+    handle = inner.register_forward_hook(_step_recorder(captured), with_kwargs=True) if record_steps else None
     try:
         yield captured
     finally:

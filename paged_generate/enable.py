@@ -9,15 +9,28 @@ from .backend import backend_problem
 from .blocks import block_size_problem
 from .errors import UnsupportedModelError
 from .patches import generate as generate_patch
-from .patches.attention_impl import implementation_of, paged_name_for, switch_attention
+from .patches.attention_impl import (
+    ATTENTION_NAME_EAGER,
+    decoder_implementation,
+    follow_switches,
+    paged_name_for,
+    stop_following_switches,
+    switch_attention,
+)
+from .patches.compile_boundary import attention_modules, compile_attention_eagerly, restore_attention_forwards
 from .patches.model_checks import family_eager, keeps_recurrent_state, uses_attention_registry
 from .patches.tensor_parallel import tensor_parallel_of
+from .patches.wrapped_models import peft_adapter_types, transformers_model_of
 from .stats import CacheStats
 
 __all__ = ["cache_stats", "disable_paged_cache", "enable_paged_cache", "is_paged_cache_enabled"]
 
 _STATE_ATTR = "_paged_generate_state"
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+# PEFT adapters that hand the model a cache of PEFT's own, holding their virtual tokens' keys and values, in place of
+# the one generate() prepares (LoRA and the other weight adapters, prompt tuning, P-tuning and adaption prompts leave
+# the cache to generate()).
+_CACHE_REPLACING_ADAPTERS = {"PREFIX_TUNING", "CARTRIDGE"}
 SUPPORTED_MODELS_HINT = (
     "paged-generate serves decoder-only models whose attention goes through transformers' attention registry and "
     "whose layers are all full or sliding-window attention (Llama, Mistral, Qwen2, ...); see the support matrix in "
@@ -37,15 +50,18 @@ def enable_paged_cache(
 
     Parameters
     ----------
-    model : a transformers causal LM (decoder-only, attention through the attention registry).
+    model : a transformers causal LM (decoder-only, attention through the attention registry), or a wrapper of one: a
+        PEFT model, a `torch.compile` module, a data-parallel container. The plugin acts on the transformers model
+        inside, so every public function agrees whichever of these objects it is given.
     block_size : tokens per KV block, a power of two in [1, 256].
     max_blocks : cap on the blocks one generate() call may hold; exceeding it raises `OutOfBlocksError`.
     max_cache_bytes : the same cap in bytes of K/V over all layers (converted with the model's dtype).
     backend : "auto" (Triton kernels for CUDA layers, PyTorch elsewhere), "triton" or "torch" to force one. The
         environment variable PAGED_GENERATE_BACKEND overrides "auto".
 
-    Returns the model, enabled. Enabling an enabled model updates its settings. A cache passed explicitly to
-    `generate` is used as is; `use_cache=False` and `cache_implementation="static"` etc. keep stock behaviour.
+    Returns `model` (the object given), enabled. Enabling an enabled model updates its settings. A cache passed
+    explicitly to `generate` is used as is (one an earlier call returned continues a conversation); `use_cache=False`
+    and `cache_implementation="static"` etc. keep stock behaviour.
 
     Example
     -------
@@ -58,7 +74,8 @@ def enable_paged_cache(
     problem = backend_problem(backend, block_size)
     if problem:
         raise ValueError(f"enable_paged_cache: {problem}.")
-    _check_supported(model)
+    wrapper, model = model, transformers_model_of(model)
+    _check_supported(model, wrapper)
     if max_cache_bytes is not None:
         per_block = block_size * _bytes_per_token(model)
         if max_cache_bytes < per_block:
@@ -71,34 +88,39 @@ def enable_paged_cache(
         block_size=block_size,
         max_blocks=max_blocks,
         backend=backend,
-        original_attn_implementation=(
-            previous.original_attn_implementation if previous else implementation_of(model.config)
-        ),
+        attn_implementation=previous.attn_implementation if previous else decoder_implementation(model),
     )
     if previous is None:
-        _switch_attention(model, paged_name_for(state.original_attn_implementation))
+        _switch_attention(model, _stand_in(model, state.attn_implementation))
     setattr(model, _STATE_ATTR, state)
     generate_patch.install(model, state)
-    return model
+    follow_switches(model, _on_attention_switch)
+    compile_attention_eagerly(model)
+    return wrapper
 
 
 def disable_paged_cache(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo `enable_paged_cache`: stock `generate()` and the model's original attention implementation."""
-    state = getattr(model, _STATE_ATTR, None)
+    """Undo `enable_paged_cache`: stock `generate()` and the attention implementation the user chose last (at load
+    time, or with `set_attn_implementation` while enabled). Returns `model` (the object given)."""
+    inner = transformers_model_of(model)
+    state = getattr(inner, _STATE_ATTR, None)
     if state is None:
         return model
-    generate_patch.uninstall(model)
-    model.set_attn_implementation(state.original_attn_implementation)
-    delattr(model, _STATE_ATTR)
+    stop_following_switches(inner)
+    restore_attention_forwards(inner)
+    generate_patch.uninstall(inner)
+    switch_attention(inner, state.attn_implementation)
+    delattr(inner, _STATE_ATTR)
     return model
 
 
 def is_paged_cache_enabled(model: torch.nn.Module) -> bool:
-    return getattr(model, _STATE_ATTR, None) is not None
+    return getattr(transformers_model_of(model), _STATE_ATTR, None) is not None
 
 
 def cache_stats(model: torch.nn.Module) -> CacheStats:
-    """Figures of the most recent `generate()` on an enabled model (see `CacheStats`)."""
+    """Figures of the most recent `generate()` on an enabled model (see `CacheStats`): of the cache that call created,
+    or of the one it was given (a call continuing a cache an earlier call returned reports that call's figures)."""
     state = plugin_state(model, "cache_stats")
     if state.last_stats is None:
         raise ValueError("cache_stats: no generate() call has finished on this model since it was enabled.")
@@ -107,10 +129,28 @@ def cache_stats(model: torch.nn.Module) -> CacheStats:
 
 def plugin_state(model: torch.nn.Module, caller: str) -> generate_patch.PluginState:
     """The enabled model's plugin state; `caller` names the public function refusing a model that is not enabled."""
-    state = getattr(model, _STATE_ATTR, None)
+    state = getattr(transformers_model_of(model), _STATE_ATTR, None)
     if state is None:
         raise ValueError(f"{caller}: this model is not enabled; call `enable_paged_cache(model)` first.")
     return state
+
+
+def _on_attention_switch(model, implementation) -> None:
+    """`model.set_attn_implementation(implementation)` on an enabled model: remember the user's choice (disable
+    restores it) and run its paged stand-in; or refuse, back on the previous stand-in."""
+    state = getattr(model, _STATE_ATTR)
+    stand_in = _stand_in(model, implementation)
+    if stand_in == ATTENTION_NAME_EAGER and not _has_family_eager(model):
+        switch_attention(model, _stand_in(model, state.attn_implementation))
+        raise UnsupportedModelError(_no_family_eager(type(model).__name__, implementation))
+    state.attn_implementation = implementation
+    _switch_attention(model, stand_in)
+
+
+def _stand_in(model, implementation) -> str:
+    """The paged name the decoder runs while enabled, for the implementation the user chose."""
+    softcap = getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None) is not None
+    return paged_name_for(implementation, softcap=softcap)
 
 
 def _check_settings(block_size, max_blocks, max_cache_bytes) -> None:
@@ -125,11 +165,23 @@ def _check_settings(block_size, max_blocks, max_cache_bytes) -> None:
             raise ValueError(f"enable_paged_cache: `{name}` must be positive, or None for no cap; got {value}.")
 
 
-def _check_supported(model) -> None:
+def _check_supported(model, wrapper) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "generate"):
-        raise UnsupportedModelError(f"{type(model).__name__} is not a transformers generation model. {SUPPORTED_MODELS_HINT}")
+        held = f" (inside {type(wrapper).__name__})" if wrapper is not model else ""
+        raise UnsupportedModelError(
+            f"{type(model).__name__}{held} is not a transformers generation model. {SUPPORTED_MODELS_HINT}")
     name = type(model).__name__
+    replacing = {adapter: kind for adapter, kind in peft_adapter_types(wrapper).items()
+                 if kind in _CACHE_REPLACING_ADAPTERS}
+    if replacing:
+        raise UnsupportedModelError(
+            f"{name} carries PEFT adapter(s) {replacing} that keep their virtual tokens' keys and values in a cache "
+            f"PEFT builds and hands the model in place of the one generate() prepares; the paged cache cannot take "
+            f"its place. Run this model without the plugin, or enable it on a model with other adapters (LoRA and "
+            f"other weight adapters, prompt tuning, P-tuning and adaption prompts work). "
+            f"{SUPPORTED_MODELS_HINT}"
+        )
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
             f"{name} is an encoder-decoder model: its decoder also attends to the encoder's output through a cache "
@@ -150,12 +202,9 @@ def _check_supported(model) -> None:
             f"{name}'s attention does not go through transformers' attention registry (it computes attention itself, "
             f"e.g. with ALiBi biases), so it would never read the paged cache's blocks. {SUPPORTED_MODELS_HINT}"
         )
-    if implementation_of(config) == "eager" and family_eager(type(model)) is None:
-        raise UnsupportedModelError(
-            f"{name} runs eager attention, which the plugin reproduces with the `eager_attention_forward` of the "
-            f"model's modeling file, and that file has none. Load the model with attn_implementation='sdpa'. "
-            f"{SUPPORTED_MODELS_HINT}"
-        )
+    implementation = decoder_implementation(model)
+    if _stand_in(model, implementation) == ATTENTION_NAME_EAGER and not _has_family_eager(model):
+        raise UnsupportedModelError(_no_family_eager(name, implementation))
     _check_tensor_parallel(model)
 
 
@@ -175,12 +224,23 @@ def _check_tensor_parallel(model) -> None:
     )
 
 
+def _has_family_eager(model) -> bool:
+    """Whether every attention module's modeling file has the eager function the eager stand-in runs."""
+    return all(family_eager(type(module)) is not None for module in attention_modules(model))
+
+
+def _no_family_eager(name: str, implementation) -> str:
+    return (f"{name} runs {implementation!r} attention, which the plugin reproduces with the `eager_attention_forward` "
+            f"of its attention's modeling file, and that file has none. Load the model with "
+            f"attn_implementation='sdpa'. {SUPPORTED_MODELS_HINT}")
+
+
 def _switch_attention(model, name: str) -> None:
     """Set the model's attention to `name`, or refuse (model unchanged) where transformers would not switch it."""
     if not switch_attention(model, name):
         raise UnsupportedModelError(
             f"{type(model).__name__} did not switch its attention to {name!r} (it kept "
-            f"{implementation_of(model.config)!r}): transformers cannot set its attention dynamically. "
+            f"{decoder_implementation(model)!r}): transformers cannot set its attention dynamically. "
             f"{SUPPORTED_MODELS_HINT}"
         )
 

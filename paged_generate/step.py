@@ -101,6 +101,7 @@ class DeviceStep:
     def __init__(self, step: PagedStep, device: torch.device):
         self.step, self.device = step, device
         self._kv_start_by_mask: dict = {}
+        self._sees_ahead_by_mask: dict = {}
 
     @cached_property
     def block_tables(self) -> torch.Tensor:
@@ -140,6 +141,18 @@ class DeviceStep:
             seen_by_any_query = attention_mask[:, 0].any(dim=1)  # [num_rows, seq_len]
             kv_start = seen_by_any_query.to(torch.uint8).argmax(dim=-1).to(torch.int32)
             cached = self._kv_start_by_mask[id(attention_mask)] = (attention_mask, kv_start)
+        return cached[1]
+
+    def sees_ahead(self, attention_mask: torch.Tensor | None) -> bool:
+        """Whether some query may see a key after its own position in transformers' boolean mask [num_rows, 1,
+        query_len, seq_len] (bidirectional image tokens), which a causal kernel would hide. One host sync per mask,
+        paid by prompt forwards only (a decode step's single query sees nothing after it)."""
+        if attention_mask is None:
+            return False
+        cached = self._sees_ahead_by_mask.get(id(attention_mask))
+        if cached is None or cached[0] is not attention_mask:
+            after_query = attention_mask[:, 0].triu(diagonal=attention_mask.shape[-1] - attention_mask.shape[-2] + 1)
+            cached = self._sees_ahead_by_mask[id(attention_mask)] = (attention_mask, bool(after_query.any()))
         return cached[1]
 
 

@@ -1,7 +1,8 @@
 """Every decoder family of tests/family_models.py: token-identical to stock generate(), or refused up front.
 
 Parity: fp32, a left-padded batch of two prompts (37 and 21 tokens: both span more than one 16-token block), greedy,
-beam search (3 beams, 2 returned) and sampling (3 returned), plugin off vs on with the same seed.
+beam search (3 beams, 2 returned) and sampling (3 returned), plugin off vs on with the same seed. Vision-language
+families take these text-only prompts here; tests/test_multimodal.py gives them images.
 Refusal: `enable_paged_cache` raises `UnsupportedModelError` naming the reason and leaves the model untouched.
 """
 
@@ -109,7 +110,7 @@ def test_eager_model_without_a_family_eager_function_is_refused(monkeypatch):
 
 
 def test_the_table_covers_the_brief():
-    assert len(SUPPORTED) == 17 and len(REFUSED) == 9
+    assert len(SUPPORTED) == 21 and len(REFUSED) == 9
     assert len({family.name for family in FAMILIES}) == len(FAMILIES)
 
 

@@ -162,3 +162,106 @@ def test_tensor_parallel_size_plan_and_styles():
     assert ALL_PARALLEL_STYLES["packed_colwise"].use_local_output, _moved("'packed_colwise' now gathers its output")
     assert ALL_PARALLEL_STYLES["colwise_gather_output"].output_layouts == Replicate(), _moved(
         "'colwise_gather_output' no longer gathers every head on every rank")
+
+
+def test_expanded_inputs_reach_the_prompt_forward_as_the_expansion_returned_them():
+    # prefill_once.py takes each expanded input from before the expansion only if the prompt forward receives the
+    # very object the expansion returned; a copy in between would make every call fall back to stock's prefill.
+    from paged_generate import disable_paged_cache, enable_paged_cache
+    from paged_generate.patches.generate import _bound_class_method
+
+    model = tiny_model("llama")
+    expand = _bound_class_method(model, "_expand_inputs_for_generation")
+    assert {"expand_size", "is_encoder_decoder", "input_ids"} <= set(inspect.signature(expand).parameters), _moved(
+        "_expand_inputs_for_generation's parameters changed")
+    enable_paged_cache(model)
+    seen = {}
+    try:
+        state = model._paged_generate_state
+        prefill = model._prefill
+
+        def spy(input_ids, generation_config, model_kwargs, *args, **kwargs):
+            seen["prompt_inputs"] = state.current_call.get().prompt_inputs
+            seen["mask"] = model_kwargs.get("attention_mask")
+            return prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+        model._prefill = spy
+        input_ids = torch.tensor([[4, 5, 6, 7], [0, 8, 9, 10]])
+        model.generate(input_ids, attention_mask=(input_ids > 0).long(), max_new_tokens=2, num_beams=2,
+                       pad_token_id=0)
+    finally:
+        disable_paged_cache(model)
+    prompt_inputs = seen["prompt_inputs"]
+    assert prompt_inputs is not None and prompt_inputs.expand == 2 and prompt_inputs.num_prompts == 2, _moved(
+        "generate() no longer expands its inputs through _expand_inputs_for_generation")
+    assert seen["mask"] is prompt_inputs.expanded["attention_mask"], _moved(
+        "the attention mask reaching _prefill is no longer the object _expand_inputs_for_generation returned")
+
+
+def test_model_outputs_copy_apart():
+    # prefill_once._snapshot copies model outputs, which transformers >= 5.24 edits in place when it expands the
+    # vision tower's outputs (`_expand_multimodal_outputs`).
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from paged_generate.patches.prefill_once import _snapshot
+
+    before = BaseModelOutputWithPooling(last_hidden_state=torch.zeros(2, 3), pooler_output=torch.ones(2, 3))
+    kept = _snapshot({"image": before})
+    before.pooler_output = [torch.zeros(3)] * 4
+    assert isinstance(kept["image"], BaseModelOutputWithPooling) and torch.equal(kept["image"].pooler_output,
+                                                                                  torch.ones(2, 3)), _moved(
+        "a copied ModelOutput follows edits of the original")
+
+
+def test_wrapped_models_unwrap():
+    import peft
+
+    from paged_generate.patches.wrapped_models import peft_adapter_types, transformers_model_of
+
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="eager")
+    assert compiled._orig_mod is model and transformers_model_of(compiled) is model, _moved(
+        "torch.compile's OptimizedModule no longer keeps the model as _orig_mod")
+    held = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert transformers_model_of(held) is model and transformers_model_of(torch.compile(held)) is model, _moved(
+        f"peft {peft.__version__}: get_base_model / peft_config moved")
+    assert peft_adapter_types(held) == {"default": "LORA"}
+    assert peft.PeftType.PREFIX_TUNING.value == "PREFIX_TUNING"
+
+
+def test_decoder_only_attention_switch_of_a_multimodal_model():
+    import transformers
+
+    from family_models import BY_NAME
+    from paged_generate.attention import register_attention
+    from paged_generate.patches.attention_impl import (
+        ATTENTION_NAME,
+        decoder_implementation,
+        switch_attention,
+    )
+
+    family = BY_NAME["Llava"]
+    if not hasattr(transformers, family.model_class):
+        return
+    model = family.build()
+    register_attention()
+    assert switch_attention(model, ATTENTION_NAME) and decoder_implementation(model) == ATTENTION_NAME, _moved(
+        "set_attn_implementation({'text_config': name}) no longer switches the text model")
+    assert model.config.vision_config._attn_implementation == "sdpa", _moved(
+        "set_attn_implementation({'text_config': name}) also switched the vision tower")
+    assert all(module.config._attn_implementation == ATTENTION_NAME
+               for module in model.model.language_model.modules() if hasattr(module, "is_causal"))
+    assert switch_attention(model, "sdpa") and decoder_implementation(model) == "sdpa"
+
+
+def test_attention_modules_are_found_by_their_conventions():
+    from family_models import BY_NAME
+    from paged_generate.patches.compile_boundary import attention_modules
+
+    assert callable(torch.compiler.disable) and callable(torch.compiler.is_compiling)
+    for name in ("Llama", "GPT-2", "GPT-NeoX", "Gemma 3", "Gemma 3 vision"):
+        model = BY_NAME[name].build()
+        layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        found = attention_modules(model)
+        assert len(found) == layers and sorted(module.layer_idx for module in found) == list(range(layers)), _moved(
+            f"{name}'s attention modules no longer carry an int `layer_idx` and `is_causal`")

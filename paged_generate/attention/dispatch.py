@@ -26,7 +26,7 @@ __all__ = ["paged_attention", "paged_attention_forward", "paged_attention_forwar
 
 def paged_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Registered as `ATTENTION_NAME`: models that ran SDPA before the plugin (see `paged_attention`)."""
-    read = paged_read_of(key)
+    read = _paged_read_of(key)
     if read is None:  # ordinary K/V (rows read in place, or no paged cache): stock SDPA, no detour
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -35,11 +35,17 @@ def paged_attention_forward(module, query, key, value, attention_mask, dropout=0
 
 def paged_attention_forward_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Registered as `ATTENTION_NAME_EAGER`: models that ran their family's eager attention before the plugin."""
-    read = paged_read_of(key)
+    read = _paged_read_of(key)
     if read is None:
         return stock_attention("eager", module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                **kwargs)
     return paged_attention("eager", read, module, query, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _paged_read_of(key):
+    # Under torch.compile the K/V are never paged (attention modules given a paged cache run outside the graph, see
+    # patches/compile_boundary.py): skip the lookup, which dynamo cannot trace.
+    return None if torch.compiler.is_compiling() else paged_read_of(key)
 
 
 def paged_attention(
@@ -59,7 +65,7 @@ def paged_attention(
     fixes it, so no per-layer config lookup is needed.
     """
     if not needs_stock_attention(implementation, query, kwargs):
-        if read.use_triton and _kernel_can_serve(attention_mask, dropout, kwargs):
+        if read.use_triton and _kernel_can_serve(read, query, attention_mask, dropout, kwargs):
             return _triton_forward(query, read, attention_mask, _scale(module, query, scaling), kwargs), None
         if _can_split_shared_prefix(read, "torch", dropout, kwargs):
             return _shared_prefix_forward(module, query, read, attention_mask, scaling), None
@@ -70,10 +76,13 @@ def paged_attention(
                                    scaling=scaling, window=window, **kwargs)
 
 
-def _kernel_can_serve(attention_mask, dropout: float, kwargs: dict) -> bool:
-    # The kernel knows left padding + causality + window + softcap; anything else goes to the PyTorch path.
+def _kernel_can_serve(read: PagedRead, query, attention_mask, dropout: float, kwargs: dict) -> bool:
+    # The kernel knows left padding + causality + window + softcap; anything else goes to the PyTorch path, as does a
+    # prompt whose mask lets some keys see later ones (Gemma 3's bidirectional image tokens).
     boolean_mask = attention_mask is None or attention_mask.dtype == torch.bool
-    return boolean_mask and not dropout and kwargs.get("s_aux") is None
+    if not boolean_mask or dropout or kwargs.get("s_aux") is not None:
+        return False
+    return query.shape[2] == 1 or not read.device_step.sees_ahead(attention_mask)
 
 
 def _triton_forward(query, read: PagedRead, attention_mask, scale: float, kwargs: dict) -> torch.Tensor:

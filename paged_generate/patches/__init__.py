@@ -8,5 +8,8 @@ fails with the transformers version and what moved.
 - layer_windows.py: the sliding windows stock's cache keeps per layer
 - tensor_parallel.py: how many ranks `tp_plan` sharded a model over (`_tp_size`) and the KV heads each receives
 - torch_ops.py: the fused CPU flash-attention op that returns its log-sum-exp
-- generate.py: per-model overrides of three `GenerationMixin` methods (the paged cache, prefill once)
+- generate.py: per-model overrides of four `GenerationMixin` methods (the paged cache, the inputs before expansion,
+  prefill once, caches kept when returned); prefill_once.py: the prompt forward once per prompt
+- wrapped_models.py: the transformers model inside PEFT, torch.compile and data-parallel wrappers
+- compile_boundary.py: attention modules given a paged cache run outside torch.compile's graphs
 """

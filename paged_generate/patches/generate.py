@@ -1,34 +1,36 @@
-"""Per-model overrides of three `GenerationMixin` methods, installed as instance attributes by `enable_paged_cache`.
+"""Per-model overrides of four `GenerationMixin` methods, installed as instance attributes by `enable_paged_cache`.
 
-- `generate`: opens a call record so the cache the call creates is released (blocks freed, figures kept) even when
-  generation raises.
+- `generate`: opens a call record; at the end of the call the caches it created are released (blocks freed, figures
+  kept) even when generation raises, except a cache the call returns (`return_dict_in_generate=True`), which keeps
+  its K/V for the next call, as stock's does, until the caller drops it.
 - `_prepare_cache_for_generation`: builds a `PagedCache` where generate() would build its default `DynamicCache`.
-- `_prefill`: runs the prompt forward on the distinct prompts only, then forks their blocks to every beam / sample
-  and repeats the outputs, so the rest of generate() sees the rows it expects.
+- `_expand_inputs_for_generation`: notes the inputs as they were before generate() repeated them per beam / sample.
+- `_prefill`: runs the prompt forward once per prompt (see prefill_once.py).
 
 Deleting the instance attributes (`uninstall`) restores the class methods exactly.
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.utils import ModelOutput
 
 from ..attention.stock import weights_wanted
 from ..backend import uses_triton
-from ..cache import PagedCache
+from ..cache import PagedCache, forget_handed_over
 from ..stats import CacheStats
 from .compat import CACHE_KWARG
+from .prefill_once import PromptInputs, capture_prompt_inputs, prefill_once
 
 __all__ = ["PATCHED_METHODS", "PluginState", "install", "uninstall"]
 
-PATCHED_METHODS = ("generate", "_prepare_cache_for_generation", "_prefill")
+PATCHED_METHODS = ("generate", "_prepare_cache_for_generation", "_expand_inputs_for_generation", "_prefill")
 
 # Decoding methods transformers ships and the tests check token for token. The others (contrastive search, DoLa,
 # group and constrained beam search) now load their loops from the Hub, and `custom_generate` brings a loop of its
@@ -44,21 +46,27 @@ PAGED_MODES = frozenset({
 
 @dataclass
 class CallRecord:
-    """The caches one generate() call created (assisted decoding may create more than one)."""
+    """One generate() call: the paged caches it created (assisted decoding may create more than one) and those it was
+    given (a cache an earlier call returned, or one the caller built)."""
 
     caches: list = field(default_factory=list)
+    given: list = field(default_factory=list)
     paged: bool = True  # False: a call whose decoding loop the plugin does not vouch for (stock cache)
-    kept: list = field(default_factory=list)  # caches the caller goes on using: figures taken, blocks kept
-    weights_token: Any = None  # set while the call asks for attention weights (see fallback_attention.py)
+    prompt_inputs: PromptInputs | None = None  # the inputs before generate() repeated them per beam / sample
+    weights_token: Any = None  # set while the call asks for attention weights (see attention/stock.py)
 
 
 @dataclass
 class PluginState:
-    """Settings and last figures of one enabled model. Per-call state lives in a ContextVar, so threads don't mix."""
+    """Settings and last figures of one enabled model. Per-call state lives in a ContextVar, so threads don't mix.
+
+    attn_implementation: what the user chose for the model (at load time, or with `set_attn_implementation` since),
+    which `disable_paged_cache` restores; the model runs its paged stand-in while enabled.
+    """
 
     block_size: int
     max_blocks: int | None
-    original_attn_implementation: Any
+    attn_implementation: Any
     backend: str = "auto"
     last_stats: CacheStats | None = None
     current_call: ContextVar = field(default_factory=lambda: ContextVar("paged_generate_call", default=None))
@@ -79,7 +87,16 @@ def install(model, state: PluginState) -> None:
     model._prepare_cache_for_generation = types.MethodType(
         _prepare_cache(cls._prepare_cache_for_generation, state), model
     )
-    model._prefill = types.MethodType(_prefill_once(cls._prefill), model)
+    model._expand_inputs_for_generation = types.MethodType(
+        _expand_inputs(_bound_class_method(model, "_expand_inputs_for_generation"), state), model
+    )
+    model._prefill = types.MethodType(prefill_once(cls._prefill, lambda: _prompt_inputs_of(state)), model)
+
+
+def _bound_class_method(model, name: str):
+    """The class's `name` for `model`, whether a method or a static method (`_expand_inputs_for_generation` is static
+    in `GenerationMixin` up to transformers 5.23, a method in families overriding it and from 5.24 on)."""
+    return inspect.getattr_static(type(model), name).__get__(model, type(model))
 
 
 def uninstall(model) -> None:
@@ -91,28 +108,66 @@ def _generate(original, state: PluginState):
     def generate(self, *args, **kwargs):
         record = CallRecord(paged=kwargs.get("custom_generate") is None)
         token = state.current_call.set(record)
+        result = None
         try:
-            return original(self, *args, **kwargs)
+            result = original(self, *args, **kwargs)
+            return result
         finally:
             state.current_call.reset(token)
+            forget_handed_over()  # a cache the caller keeps must be freed when they drop it, not held here
             if record.weights_token is not None:
                 weights_wanted.reset(record.weights_token)
+            returned = _caches_in(result)
             for cache in record.caches:
-                state.last_stats = cache.stats() if any(cache is kept for kept in record.kept) else cache.release()
+                state.last_stats = cache.stats() if any(cache is kept for kept in returned) else cache.release()
+            for cache in record.given:
+                state.last_stats = cache.stats()
 
     generate.__doc__ = original.__doc__
     return generate
 
 
+def _caches_in(result) -> list:
+    """The caches a generate() result hands back (`return_dict_in_generate=True`): the next call may continue them."""
+    if not isinstance(result, ModelOutput):
+        return []
+    return [value for value in result.values() if isinstance(value, PagedCache)]
+
+
+def _prompt_inputs_of(state: PluginState) -> PromptInputs | None:
+    record = state.current_call.get()
+    return record.prompt_inputs if record is not None and record.paged else None
+
+
+def _expand_inputs(original, state: PluginState):
+    def expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        record = state.current_call.get()
+        if record is None or expand_size == 1:
+            return original(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
+                            **model_kwargs)
+        result, record.prompt_inputs = capture_prompt_inputs(
+            expand_size, input_ids, model_kwargs,
+            lambda: original(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
+                             **model_kwargs),
+        )
+        return result
+
+    return expand_inputs_for_generation
+
+
 def _prepare_cache(original, state: PluginState):
     def prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         record = state.current_call.get()
+        given = model_kwargs.get(CACHE_KWARG)
+        if record is not None and isinstance(given, PagedCache) and not any(given is seen for seen in record.given):
+            given.start_call()
+            record.given.append(given)
         generation_mode = args[0] if args else kwargs.get("generation_mode")
         wants_default_cache = (
             record is not None
             and record.paged
             and generation_mode in PAGED_MODES
-            and model_kwargs.get(CACHE_KWARG) is None
+            and given is None
             and generation_config.use_cache is not False
             and generation_config.cache_implementation in (None, "dynamic")
         )
@@ -129,58 +184,8 @@ def _prepare_cache(original, state: PluginState):
         if generation_config.output_attentions and record.weights_token is None:
             record.weights_token = weights_wanted.set(True)
         if generation_config.is_assistant:
+            # Assisted decoding crops the rejected tokens of the assistant's cache, which the assistant's calls return
+            # and pass on from one round to the next.
             cache.activate_past_recording()
-            # Assisted decoding threads the assistant's cache from one round to the next (it crops the rejected
-            # tokens): released, the next round would re-read the whole prompt.
-            record.kept.append(cache)
 
     return prepare_cache_for_generation
-
-
-def _prefill_once(original):
-    def prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True, *args, **kwargs):
-        cache = model_kwargs.get(CACHE_KWARG)
-        expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
-        num_rows = input_ids.shape[0]
-        if (
-            not isinstance(cache, PagedCache)
-            or expand == 1
-            or cache.get_seq_length() > 0
-            or num_rows % expand
-            or self.config.is_encoder_decoder
-        ):
-            if isinstance(cache, PagedCache) and cache.prefill_rows is None:
-                cache.prefill_rows = num_rows
-            return original(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
-        # generate() repeated every prompt `expand` times ([p0, p0, p0, p1, p1, p1]): keep one copy of each.
-        distinct_kwargs = {key: _first_of_each_group(value, num_rows, expand) for key, value in model_kwargs.items()}
-        distinct_ids = input_ids[::expand]
-        cache.prefill_rows = distinct_ids.shape[0]
-        outputs = original(self, distinct_ids, generation_config, distinct_kwargs, is_first_iteration, *args, **kwargs)
-        cache.batch_repeat_interleave(expand)
-        return _repeat_rows(outputs, num_rows // expand, expand)
-
-    return prefill
-
-
-def _first_of_each_group(value, num_rows: int, expand: int):
-    if isinstance(value, torch.Tensor) and value.ndim >= 1:
-        if value.shape[0] == num_rows:
-            return value[::expand]
-        if value.ndim == 3 and value.shape[1] == num_rows:  # multimodal position_ids: [3, batch, seq]
-            return value[:, ::expand]
-    return value
-
-
-def _repeat_rows(outputs: ModelOutput, num_distinct: int, expand: int) -> ModelOutput:
-    def repeat(value):
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == num_distinct:
-            return value.repeat_interleave(expand, dim=0)
-        if isinstance(value, tuple):
-            return tuple(repeat(item) for item in value)
-        return value
-
-    for key in list(outputs.keys()):
-        if key not in ("cache", "past_key_values"):
-            outputs[key] = repeat(outputs[key])
-    return outputs
