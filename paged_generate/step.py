@@ -12,7 +12,40 @@ from .blocks import BlockCopies, SharedPrefix
 from .kernels.grouping import GroupMembers, group_members
 from .layout import regular_layout, strided_rows
 
-__all__ = ["DeviceSharedPrefix", "DeviceStep", "PagedStep"]
+__all__ = ["DeviceSharedPrefix", "DeviceStep", "MaskPattern", "PagedStep", "mark_mask", "mask_pattern"]
+
+
+@dataclass(frozen=True)
+class MaskPattern:
+    """What a boolean mask [rows, 1, q_length, kv_length] that transformers built for a paged forward holds, when the
+    kernels can apply it: causality for queries at positions q_offset + i over keys kv_offset + j, a sliding window (or
+    none), and left padding, which they take as each row's first visible key (`DeviceStep.kv_start`).
+
+    Recorded by the mask function registered with transformers (attention/__init__.py), which sees how the mask was
+    built; a mask without one (a user's 4D mask, image tokens attending both ways, a prefix-LM) is applied exactly by
+    the PyTorch path.
+    """
+
+    window: int | None
+    q_offset: int
+    kv_offset: int
+    kv_length: int
+
+    def matches(self, step: "PagedStep") -> bool:
+        """Whether the pattern's positions are the step's (queries after the cached tokens, keys from 0)."""
+        return self.kv_offset == 0 and self.kv_length == step.seq_len and self.q_offset == step.past_len
+
+
+_PATTERN = "_paged_generate_pattern"
+
+
+def mark_mask(mask: torch.Tensor, pattern: MaskPattern) -> None:
+    setattr(mask, _PATTERN, pattern)
+
+
+def mask_pattern(mask: torch.Tensor) -> MaskPattern | None:
+    """The pattern `mark_mask` recorded on this very mask tensor, or None."""
+    return getattr(mask, _PATTERN, None)
 
 
 class PagedStep:

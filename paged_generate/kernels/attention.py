@@ -14,7 +14,7 @@ from ._triton import (check_launchable, kernel_is_interpreted, multiprocessor_co
                       tl, triton)
 from .bf16 import round_to_bf16
 from .limits import MAX_BLOCK_SIZE, MAX_HEAD_DIM, MIN_BLOCK_SIZE, SUPPORTED_DTYPES
-from .split_reduce import split_reduce, warm_up_split_reduce
+from .split_reduce import launch_split_reduce, warm_up_split_reduce
 from .tiles import attend_tiles, split_tiles
 
 MAX_SPLITS = 64  # cap of the automatic choice
@@ -164,9 +164,9 @@ def kernel_meta(
     """The kernel's constexprs and launch options for one shape (also used to AOT-compile it in tests)."""
     group = num_q_heads // num_kv_heads
     group_pad = next_power_of_2(group)
-    # Prefill takes ~64 tile rows; decode only what the group needs, but at least 16 since
-    # tl.dot has a minimum M.
-    target_m = 64 if query_len > 1 else 16
+    # Prefill takes ~64 tile rows; decode only what the group needs, but at least 16 since tl.dot has a minimum M.
+    # fp32 dots run in exact fp32 (FMA, no tensor cores), whose operands take 2x the registers: small tiles there.
+    target_m = 64 if query_len > 1 and dtype != torch.float32 else 16
     block_q = max(1, min(next_power_of_2(query_len), target_m // group_pad))
     block_m = max(16, block_q * group_pad)
     head_dim_pad = max(16, next_power_of_2(head_dim))
@@ -180,7 +180,7 @@ def kernel_meta(
         BLOCK_M=block_m,
         # Key tiles span several blocks when blocks are small (block ids looked up per key): the online softmax then
         # rescales once per TILE_N keys, not once per block. Register pressure grows with head_dim.
-        TILE_N=tile_n(head_dim_pad),
+        TILE_N=tile_n(head_dim_pad, dtype),
         HAS_KV_START=has_kv_start,
         SLIDING_WINDOW=sliding_window,
         USE_SOFTCAP=softcap,
@@ -188,12 +188,15 @@ def kernel_meta(
         # fp32 caches exist for accuracy (tests, debugging): keep that dot in true fp32, not
         # tf32. None: the backend's default for 16-bit inputs (where the option does not apply).
         DOT_PRECISION="ieee" if dtype == torch.float32 or emulate_bf16 else None,
-        num_warps=8 if block_m * head_dim_pad >= 64 * 256 else 4,
+        # What keeps sm_90 below 255 registers without spills (see tests/kernels/test_kernel_gpu_compile.py).
+        num_warps=8 if block_m * head_dim_pad * dtype.itemsize >= 64 * 256 * 2 else 4,
     )
 
 
-def tile_n(head_dim_pad: int) -> int:
+def tile_n(head_dim_pad: int, dtype: torch.dtype) -> int:
     """Keys per inner iteration of the attention kernels."""
+    if dtype == torch.float32:
+        return 16
     return 32 if head_dim_pad >= 256 else 64
 
 
@@ -351,7 +354,7 @@ def launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens
         **meta,
     )
     if split:
-        split_reduce(out, part_max, part_sum, part_acc)
+        launch_split_reduce(out, part_max, part_sum, part_acc)
     elif num_q_blocks == 1:
         warm_up_split_reduce(out, head_dim)  # rows growing past the split threshold then compile nothing mid-call
     return out

@@ -12,8 +12,8 @@ Launches (all on the caller's stream, in order):
    folded into the grid's x axis (CUDA caps y and z at 65,535; 2,048 prompts x 32 kv heads exceed that);
    writes the partial softmax state (max in log2 units, sum, unnormalised P @ V) of each query.
 2. ``_suffix_kernel``: one program per (row, kv head, suffix split) over the row's own blocks.
-   With one suffix split it also merges the prefix partials and writes the output; with more it
-   writes partials as well and
+   With one suffix split it also merges the prefix partials and writes the output (unless its query tile is too
+   wide to hold a second accumulator: ``CAN_MERGE``); with more it writes partials as well and
 3. ``split_reduce`` merges them all.
 
 Partial states use ``split_reduce``'s layout ``[num_rows, 1, num_q_heads, num_slots(, head_dim)]``:
@@ -23,10 +23,10 @@ slots ``[0, prefix_splits)`` belong to the prefix kernel, the rest to the suffix
 import torch
 
 from ._triton import check_launchable, kernel_is_interpreted, next_power_of_2, on_tensors_device, tl, triton
-from .attention import MAX_FORCED_SPLITS, _check_inputs, choose_num_splits, kernel_meta
+from .attention import MAX_FORCED_SPLITS, _check_inputs, choose_num_splits, kernel_meta, tile_n
 from .bf16 import round_to_bf16
 from .grouping import GroupMembers, group_members
-from .split_reduce import split_reduce, warm_up_split_reduce
+from .split_reduce import launch_split_reduce, warm_up_split_reduce
 from .tiles import attend_tiles, split_tiles
 
 # Queries (members x q heads per kv head) per prefix program. Bigger groups take several tiles,
@@ -181,6 +181,7 @@ def _suffix_kernel(
     USE_SOFTCAP: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    CAN_MERGE: tl.constexpr,  # whether one suffix split merges (else split_reduce always does)
 ):
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -230,7 +231,7 @@ def _suffix_kernel(
     head_index = row * num_q_heads + q_head  # flat (row, q head): the layout of out and of the partials
     # One suffix split merges the prefix partials and writes out; a runtime branch, as the split count changes as
     # rows grow and one compiled variant serves both.
-    if tl.num_programs(2) == 1:
+    if CAN_MERGE and tl.num_programs(2) == 1:
         for s in range(0, first_slot):
             slot = head_index * num_slots + s
             m_s = tl.load(part_max_ptr + slot, mask=m_valid, other=float("-inf"))
@@ -275,14 +276,15 @@ def prefix_meta(*, max_group_size: int, num_q_heads: int, num_kv_heads: int, hea
         emulate_bf16=emulate_bf16,
     )  # fmt: skip
     group_pad = base["GROUP_PAD"]
-    block_m = max(16, group_pad, min(next_power_of_2(max(max_group_size, 1) * group_pad), PREFIX_MAX_M))
+    max_m = PREFIX_MAX_M if dtype != torch.float32 else 16  # fp32: see kernel_meta
+    block_m = max(16, group_pad, min(next_power_of_2(max(max_group_size, 1) * group_pad), max_m))
     head_dim_pad = base["HEAD_DIM_PAD"]
     meta = {k: base[k] for k in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_SIZE", "GROUP", "GROUP_PAD", "HAS_KV_START",
                                  "SLIDING_WINDOW", "USE_SOFTCAP", "EMULATE_BF16", "DOT_PRECISION")}  # fmt: skip
     # The prefix is read once per tile of queries, so take wide key tiles (several blocks per tile
     # when blocks are small: looked up per key). Warps: what keeps sm_90 below 255 registers
     # without spills (see test_kernel_shared_prefix_compile.py).
-    meta.update(BLOCK_M=block_m, TILE_N=32 if head_dim_pad >= 256 else 64,
+    meta.update(BLOCK_M=block_m, TILE_N=tile_n(head_dim_pad, dtype),
                 num_warps=8 if block_m * head_dim_pad >= 32 * 128 else 4)  # fmt: skip
     return meta
 
@@ -291,6 +293,8 @@ def suffix_meta(**kwargs) -> dict:
     """The suffix kernel's constexprs and launch options: paged_attention's decode choices."""
     meta = kernel_meta(query_len=1, **kwargs)
     del meta["BLOCK_Q"]
+    # The merge holds a second accumulator: past this tile size it would spill on sm_90.
+    meta["CAN_MERGE"] = meta["BLOCK_M"] * meta["HEAD_DIM_PAD"] * kwargs["dtype"].itemsize < 64 * 256 * 2
     return meta
 
 
@@ -400,7 +404,8 @@ def launch_shared_prefix_paged_attention(query, key_cache, value_cache, *, row_g
         suffix_splits = choose_num_splits(num_rows * num_kv_heads, suffix_tables.shape[1] * block_size, query.device)
     if not 1 <= suffix_splits <= MAX_FORCED_SPLITS or num_splits + suffix_splits > MAX_FORCED_SPLITS:
         raise ValueError(f"suffix_splits must be in [1, {MAX_FORCED_SPLITS} - num_splits], got {suffix_splits}")
-    merge = suffix_splits == 1
+    smeta = suffix_meta(**shape)
+    merge = suffix_splits == 1 and smeta["CAN_MERGE"]
     num_slots = num_splits + (0 if merge else suffix_splits)
 
     # Empty when no prefix runs and the suffix kernel merges (never touched then); fp32 all the same, so every case
@@ -427,10 +432,10 @@ def launch_shared_prefix_paged_attention(query, key_cache, value_cache, *, row_g
         suffix_tables, row_group, prefix_len, seq_lens, kv_start_arg,
         *query_strides, *cache_strides, suffix_tables.stride(0),
         num_q_heads, num_slots, num_splits, *features,
-        **suffix_meta(**shape),
+        **smeta,
     )  # fmt: skip
     if not merge:
-        split_reduce(out, part_max, part_sum, part_acc)
+        launch_split_reduce(out, part_max, part_sum, part_acc)
     else:
         warm_up_split_reduce(out, head_dim)
     return out

@@ -59,7 +59,6 @@ def reduce_meta(head_dim: int, emulate_bf16: bool = False) -> dict:
                 EMULATE_BF16=emulate_bf16, num_warps=4 if head_dim > 128 else 2)  # fmt: skip
 
 
-@on_tensors_device
 def split_reduce(
     out: torch.Tensor,  # [num_rows, query_len, num_q_heads, head_dim], contiguous, written in place
     part_max: torch.Tensor,  # [num_rows, query_len, num_q_heads, num_splits] fp32
@@ -76,6 +75,14 @@ def split_reduce(
         if t.numel() != num_heads_total * num_splits * (head_dim if name == "part_acc" else 1):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, which does not match out")
     check_launchable(_split_reduce_kernel, out, part_max, part_sum, part_acc)
+    return launch_split_reduce(out, part_max, part_sum, part_acc)
+
+
+@on_tensors_device
+def launch_split_reduce(out, part_max, part_sum, part_acc) -> torch.Tensor:
+    """``split_reduce`` without its argument checks, for the kernels' wrappers."""
+    num_splits, head_dim = part_acc.shape[-2:]
+    num_heads_total = out.numel() // head_dim
     if num_heads_total == 0:
         return out
     emulate = out.dtype == torch.bfloat16 and kernel_is_interpreted(_split_reduce_kernel)
