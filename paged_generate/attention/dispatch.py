@@ -89,8 +89,9 @@ def _mask_known(module, query, attention_mask, step) -> tuple[bool, int | None]:
 
 def _kernel_can_serve(query, read: PagedRead, dropout: float, kwargs: dict) -> bool:
     # The kernels know left padding, causality, a window and a softcap, in the cache's dtype (their pools were checked
-    # when created: `kernels_serve`); attention sinks, dropout or a query of another dtype take the PyTorch path.
-    return not dropout and kwargs.get("s_aux") is None and query.dtype == read.keys.dtype
+    # when created: `kernels_serve`); attention sinks, dropout, or a query or values of another dtype (autocast: fp32
+    # queries and keys after the rotary embedding, bf16 values) take the PyTorch path.
+    return not dropout and kwargs.get("s_aux") is None and query.dtype == read.keys.dtype == read.values.dtype
 
 
 def _triton_forward(query, read: PagedRead, attention_mask, scale: float, window: int | None,

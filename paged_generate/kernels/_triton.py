@@ -107,10 +107,9 @@ def on_tensors_device(launch):
 
 
 def warm_up(kernel, *args, grid, **kwargs) -> None:
-    """Compile ``kernel`` for these arguments without launching it (nothing to do when interpreted)."""
-    if not kernel_is_interpreted(kernel):
-        with launch_context(args[0].device):
-            kernel.warmup(*args, grid=grid, **kwargs)
+    """Compile ``kernel`` for these arguments without launching it (the interpreter has nothing to compile)."""
+    with launch_context(args[0].device):
+        kernel.run(*args, grid=grid, warmup=True, **kwargs)
 
 
 def next_power_of_2(n: int) -> int:

@@ -285,7 +285,7 @@ def prefix_meta(*, max_group_size: int, num_q_heads: int, num_kv_heads: int, hea
     # when blocks are small: looked up per key). Warps: what keeps sm_90 below 255 registers
     # without spills (see test_kernel_shared_prefix_compile.py).
     meta.update(BLOCK_M=block_m, TILE_N=tile_n(head_dim_pad, dtype),
-                num_warps=8 if block_m * head_dim_pad >= 32 * 128 else 4)  # fmt: skip
+                num_warps=8 if block_m * head_dim_pad * dtype.itemsize >= 32 * 128 * 2 else 4)  # fmt: skip
     return meta
 
 

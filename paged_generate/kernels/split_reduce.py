@@ -101,4 +101,5 @@ def warm_up_split_reduce(out: torch.Tensor, head_dim: int) -> None:
         return
     _warmed.add(key)
     part = torch.empty(0, dtype=torch.float32, device=out.device)
-    warm_up(_split_reduce_kernel, out, part, part, part, 2, grid=(1,), **reduce_meta(head_dim))
+    emulate = out.dtype == torch.bfloat16 and kernel_is_interpreted(_split_reduce_kernel)
+    warm_up(_split_reduce_kernel, out, part, part, part, 2, grid=(1,), **reduce_meta(head_dim, emulate))

@@ -41,7 +41,7 @@ def run_compile_script(script: str, tmp_path, *args: str) -> str:
 
 
 class _Recorder:
-    """Stands in for a kernel: records `kernel[grid](*args, **kwargs)` and `kernel.warmup(...)` instead of launching."""
+    """Stands in for a kernel: records `kernel[grid](*args, **kwargs)` and warm-ups instead of launching."""
 
     def __init__(self, kernel, launches: list):
         self.kernel, self.launches = kernel, launches
@@ -49,7 +49,7 @@ class _Recorder:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launches.append((self.kernel, grid, args, kwargs))
 
-    def warmup(self, *args, grid, **kwargs):
+    def run(self, *args, grid, warmup, **kwargs):
         self.launches.append((self.kernel, grid, args, kwargs))
 
 
