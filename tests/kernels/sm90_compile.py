@@ -80,7 +80,10 @@ def recorded_launches():
             setattr(module, name, kernel)
 
 
-def _launcher_api():
+def compile_launch(kernel, args, kwargs):
+    """Specialise one recorded launch as Triton's launcher does and compile it for sm_90: (compiled, key)."""
+    import triton
+
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource, make_backend
@@ -88,21 +91,33 @@ def _launcher_api():
     except ImportError as exc:
         print(exc, file=sys.stderr)
         sys.exit(NO_AOT_API)
-    return GPUTarget, ASTSource, make_backend, create_function_from_signature
-
-
-def compile_launch(kernel, args, kwargs):
-    """Specialise one recorded launch as Triton's launcher does and compile it for sm_90: (compiled, key)."""
-    import triton
-
-    GPUTarget, ASTSource, make_backend, create_function_from_signature = _launcher_api()
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
+    if hasattr(kernel, "_get_config"):  # the launcher of Triton 3.0
+        return _compile_launch_3_0(kernel, args, kwargs, target, backend)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     key = (kernel.__name__, str(specialization), str(sorted(options.items())))
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
     source = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=target, options=options.__dict__), key
+
+
+def _compile_launch_3_0(kernel, args, kwargs, target, backend):
+    import triton
+    from triton.compiler import ASTSource
+
+    kernel.create_binder()
+    bound_args, sig_and_spec, constexpr_vals, _, excess_kwargs = kernel.binder(*args, **kwargs)
+    key = (kernel.__name__, "".join(sig_and_spec), str((constexpr_vals, excess_kwargs)))
+    options = backend.parse_options(kwargs)
+    bound_vals = tuple(bound_args.values())
+    names = [kernel.params[i].name for i in kernel.non_constexpr_indices]
+    signature = {k: ("*i8" if v == "none" else v) for k, v in zip(names, sig_and_spec[: len(names)])}
+    config = kernel._get_config(*bound_vals)
+    constants = {p.name: v for v, p in zip(bound_vals, kernel.params)
+                 if p.is_constexpr or p.num in config.equal_to_1 or v is None}  # fmt: skip
+    source = ASTSource(kernel, signature, constants, config)
     return triton.compile(source, target=target, options=options.__dict__), key
 
 
