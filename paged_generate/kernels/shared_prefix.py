@@ -281,11 +281,11 @@ def prefix_meta(*, max_group_size: int, num_q_heads: int, num_kv_heads: int, hea
     head_dim_pad = base["HEAD_DIM_PAD"]
     meta = {k: base[k] for k in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_SIZE", "GROUP", "GROUP_PAD", "HAS_KV_START",
                                  "SLIDING_WINDOW", "USE_SOFTCAP", "EMULATE_BF16", "DOT_PRECISION")}  # fmt: skip
-    # The prefix is read once per tile of queries, so take wide key tiles (several blocks per tile
-    # when blocks are small: looked up per key). Warps: what keeps sm_90 below 255 registers
-    # without spills (see test_kernel_shared_prefix_compile.py).
-    meta.update(BLOCK_M=block_m, TILE_N=tile_n(head_dim_pad, dtype),
-                num_warps=8 if block_m * head_dim_pad * dtype.itemsize >= 32 * 128 * 2 else 4)  # fmt: skip
+    # The prefix is read once per tile of queries, so take wide key tiles (several blocks per tile when blocks are
+    # small: looked up per key). Warps: what keeps sm_90 below 255 registers without spills with Triton 3.6 to 3.9
+    # (tests/kernels/test_kernel_gpu_compile.py); 16-row 16-bit tiles spill at 8 warps, where ptxas keeps 128 registers.
+    wide = block_m * head_dim_pad * dtype.itemsize >= 32 * 128 * 2 and (block_m >= 32 or dtype == torch.float32)
+    meta.update(BLOCK_M=block_m, TILE_N=tile_n(head_dim_pad, dtype), num_warps=8 if wide else 4)
     return meta
 
 
