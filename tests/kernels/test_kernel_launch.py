@@ -66,8 +66,9 @@ def test_every_launch_runs_under_its_tensors_device(device, monkeypatch):
     kernels.launch_paged_attention(query, *pool, tables, seq_lens, scale=0.1, num_splits=2)
     row_group = torch.tensor([0, 0, 1], device=device)
     kernels.launch_shared_prefix_paged_attention(
-        query, *pool, row_group=row_group, prefix_tables=tables[:2, :2], prefix_len=torch.tensor([32, 32], device=device),
-        suffix_tables=tables[:, 2:], seq_lens=seq_lens, scale=0.1, members=group_members(row_group, 2, 2))
+        query, *pool, row_group=row_group, prefix_tables=tables[:2, :2],
+        prefix_len=torch.tensor([32, 32], device=device), suffix_tables=tables[:, 2:], seq_lens=seq_lens, scale=0.1,
+        members=group_members(row_group, 2, 2))
     assert set(seen) == set(KERNELS)
     for name, devices in seen.items():
         assert devices and devices[-1] == query.device, (name, devices)
@@ -98,7 +99,7 @@ def _specialization_key(name, args, kwargs):
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     kernel = getattr(KERNELS[name], name)
-    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)  # compiled / interpreted
+    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)  # interpreted
     binder = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
     _, specialization, options = binder(*args, **kwargs)
     return name, str(specialization), str(sorted(options.items()))
