@@ -93,30 +93,49 @@ def compile_launch(kernel, args, kwargs):
         sys.exit(NO_AOT_API)
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    if hasattr(kernel, "_get_config"):  # the launcher of Triton 3.0
+    if hasattr(kernel, "_get_config") or hasattr(backend, "get_attrs_descriptor"):  # the launcher of Triton 3.0 - 3.2
         return _compile_launch_3_0(kernel, args, kwargs, target, backend)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     key = (kernel.__name__, str(specialization), str(sorted(options.items())))
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    if hasattr(kernel, "_pack_args"):
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    else:  # Triton 3.3 - 3.4 did the same inline in JITFunction.run
+        from triton.runtime.jit import find_paths_if, get_iterable_path
+
+        options = backend.parse_options(kwargs)
+        sigvals = [x[0] for x in specialization]
+        signature = {p.name: v for p, v in zip(kernel.params, sigvals)}
+        constexprs = find_paths_if(sigvals, lambda _, val: val == "constexpr")
+        constexprs = {path: get_iterable_path(list(bound_args.values()), path) for path in constexprs}
+        attrvals = [x[1] for x in specialization]
+        attrs = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
+        attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k)) for k in attrs}
     source = ASTSource(kernel, signature, constexprs, attrs)
     return triton.compile(source, target=target, options=options.__dict__), key
 
 
 def _compile_launch_3_0(kernel, args, kwargs, target, backend):
+    import inspect
+
     import triton
     from triton.compiler import ASTSource
 
-    kernel.create_binder()
+    kernel.create_binder(*([backend] if inspect.signature(kernel.create_binder).parameters else []))
     bound_args, sig_and_spec, constexpr_vals, _, excess_kwargs = kernel.binder(*args, **kwargs)
     key = (kernel.__name__, "".join(sig_and_spec), str((constexpr_vals, excess_kwargs)))
     options = backend.parse_options(kwargs)
     bound_vals = tuple(bound_args.values())
     names = [kernel.params[i].name for i in kernel.non_constexpr_indices]
     signature = {k: ("*i8" if v == "none" else v) for k, v in zip(names, sig_and_spec[: len(names)])}
-    config = kernel._get_config(*bound_vals)
+    if hasattr(kernel, "_get_config"):  # 3.0 - 3.1
+        config = kernel._get_config(*bound_vals)
+        ones = config.equal_to_1
+    else:  # 3.2
+        config = backend.get_attrs_descriptor(kernel.params, bound_vals)
+        ones = config.get_constants()
     constants = {p.name: v for v, p in zip(bound_vals, kernel.params)
-                 if p.is_constexpr or p.num in config.equal_to_1 or v is None}  # fmt: skip
+                 if p.is_constexpr or p.num in ones or v is None}  # fmt: skip
     source = ASTSource(kernel, signature, constants, config)
     return triton.compile(source, target=target, options=options.__dict__), key
 
