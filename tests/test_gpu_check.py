@@ -20,6 +20,7 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert {name: part["status"] for name, part in results["parts"].items()} == dict.fromkeys(
         ("kernel_tests", "kernels", "model"), "ok")
+    assert results["parts"]["kernel_tests"]["counts"]["passed"] > 0
     kernels, model = results["parts"]["kernels"], results["parts"]["model"]
     assert len(kernels["bf16_dot_vs_float64"]["max_errors"]) == 5
     assert kernels["two_devices"]["status"] == "skipped"
