@@ -1,6 +1,7 @@
 """GPU micro-benchmarks of the Triton attention kernels (CUDA only).
 
-    python benchmarks/kernel_speed.py [--check] [--peak-bw BYTES_PER_S] [--reps 50] [--out benchmarks/results/kernels.json]
+    python benchmarks/kernel_speed.py [--check] [--peak-bw BYTES_PER_S] [--reps 50] [--quick] [--budget-s S]
+                                      [--out benchmarks/results/kernel_speed.json]
 
 1. Decode: `paged_attention` for 1/4/16/64 rows x 512/2k/8k/32k tokens per row (GQA 32 q-heads / 8 kv-heads,
    head_dim 128, bf16, block_size 16, randperm block tables). Reports the achieved bandwidth (bytes of K/V read /
@@ -12,12 +13,16 @@
    `shared_prefix_paged_attention` vs plain `paged_attention` over the same rows (each row's table = shared blocks +
    own blocks). Reports the speedup (goal >= 4x) and the "logical bandwidth": bytes the unshared computation reads
    / time.
+3. Shared-prefix threshold: 8/16/32/64 rows sharing a 128-token to 32k-token prompt (powers of two), shared-prefix vs
+   plain: the prompt length from which shared-prefix attention pays (speedup >= 1 there and at every longer prompt),
+   per row count, and their maximum, `shared_prefix_min_prompt`: below it the dispatch should take the plain kernel.
 
 Times are GPU times: CUDA events around one call, median of `--reps` (after warmup), with L2 flushed before each rep
 (so K/V comes from HBM) and the GPU kept busy while the host enqueues the call (so Python and launch overheads are
 not counted). `--check` first asserts, on one small case each, that both kernels match their PyTorch references
 (the kernel tests' rule: error vs a float64 reference at most 2x the reference's own error in bf16).
-Prints markdown tables and writes JSON. Without a CUDA device it says so and exits 0.
+`--quick` runs fewer shapes (for scripts/gpu_check.py) and `--budget-s` stops starting new shapes after that many
+seconds. Prints markdown tables and writes JSON. Without a CUDA device it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +47,9 @@ DEFAULT_OUT = RESULTS_DIR / "kernel_speed.json"
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 DECODE_ROWS, DECODE_TOKENS = (1, 4, 16, 64), (512, 2048, 8192, 32768)
 SHARED_ROWS, SHARED_PROMPTS, OWN_TOKENS = (8, 16, 32, 64), (2048, 8192, 32768), 128
+THRESHOLD_PROMPTS = tuple(128 << i for i in range(9))  # 128 ... 32768
+QUICK = dict(decode_rows=(1, 16, 64), decode_tokens=(2048, 32768), shared_rows=(8, 64), shared_prompts=(8192,),
+             threshold_rows=(8, 32, 64), threshold_prompts=(128, 512, 2048, 8192, 32768))
 MEMORY_FRACTION = 0.6  # of the free GPU memory a shape may use
 LONG_ROW_TOKENS = 8192  # "long rows" for the bandwidth goal
 GOALS = {"decode_peak_fraction": 0.8, "decode_vs_sdpa": 1.0, "shared_speedup": 4.0}
@@ -70,7 +79,9 @@ def kv_bytes(rows: int, tokens: int) -> int:
     return 2 * rows * tokens * NUM_KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
 
 
-def fits(needed: int) -> bool:
+def fits(needed: int, device="cuda") -> bool:
+    if torch.device(device).type != "cuda":
+        return True
     free, _ = torch.cuda.mem_get_info()
     return needed <= MEMORY_FRACTION * free
 
@@ -215,42 +226,80 @@ def gpu_time(fn, reps: int, warmup: int = 5) -> float:
 
 
 # --- benchmarks ----------------------------------------------------------------------------------------------------
-def bench_decode(rows: int, tokens: int, peak: float | None, reps: int) -> dict | None:
+def wall_time(fn, reps: int, warmup: int = 1) -> float:
+    """Median wall seconds of `fn()`: the CPU stand-in for `gpu_time` (scripts/gpu_check.py --dry-run)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def timer(device):
+    return gpu_time if torch.device(device).type == "cuda" else wall_time
+
+
+def bench_decode(rows: int, tokens: int, peak: float | None, reps: int, device="cuda") -> dict | None:
     read = kv_bytes(rows, tokens)
-    if not fits(2 * read + (512 << 20)):  # the pool, its contiguous copy for SDPA, the L2 flush buffer, slack
+    if not fits(2 * read + (512 << 20), device):  # the pool, its contiguous copy for SDPA, the L2 flush buffer, slack
         return None
-    case = decode_case(rows, tokens, "cuda")
-    paged_s = gpu_time(lambda: run_paged(case), reps)
+    case = decode_case(rows, tokens, device)
+    paged_s = timer(device)(lambda: run_paged(case), reps)
     key, value = contiguous_kv(case)
-    sdpa_s = gpu_time(lambda: run_sdpa(case["query"], key, value), reps)
+    sdpa_s = timer(device)(lambda: run_sdpa(case["query"], key, value), reps)
     bandwidth = read / paged_s
     return dict(rows=rows, tokens=tokens, kv_bytes=read, paged_s=paged_s, bandwidth=bandwidth,
                 peak_fraction=bandwidth / peak if peak else None, sdpa_s=sdpa_s, vs_sdpa=sdpa_s / paged_s)  # fmt: skip
 
 
-def bench_shared(rows: int, prompt: int, peak: float | None, reps: int) -> dict | None:
-    logical = kv_bytes(rows, prompt + OWN_TOKENS)  # what the unshared computation reads
-    if not fits(kv_bytes(1, prompt) + kv_bytes(rows, OWN_TOKENS) + (512 << 20)):
+def bench_shared(rows: int, prompt: int, peak: float | None, reps: int, device="cuda",
+                 own: int = OWN_TOKENS) -> dict | None:
+    logical = kv_bytes(rows, prompt + own)  # what the unshared computation reads
+    if not fits(kv_bytes(1, prompt) + kv_bytes(rows, own) + (512 << 20), device):
         return None
-    case = shared_case(rows, prompt, OWN_TOKENS, "cuda")
-    shared_s = gpu_time(lambda: run_shared(case), reps)
-    paged_s = gpu_time(lambda: run_paged(case, "full_tables"), reps)
+    case = shared_case(rows, prompt, own, device)
+    shared_s = timer(device)(lambda: run_shared(case), reps)
+    paged_s = timer(device)(lambda: run_paged(case, "full_tables"), reps)
     bandwidth = logical / shared_s
-    return dict(rows=rows, prompt=prompt, own=OWN_TOKENS, logical_bytes=logical, shared_s=shared_s, paged_s=paged_s,
+    return dict(rows=rows, prompt=prompt, own=own, logical_bytes=logical, shared_s=shared_s, paged_s=paged_s,
                 speedup=paged_s / shared_s, logical_bandwidth=bandwidth,
                 logical_peak_fraction=bandwidth / peak if peak else None)  # fmt: skip
 
 
-def run_all(bench, grid, peak, reps) -> list[dict]:
+def run_all(bench, grid, peak, reps, device="cuda", deadline: float | None = None, **options) -> list[dict]:
     results = []
     for args in grid:
-        result = bench(*args, peak, reps)
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"skipped {bench.__name__}{args} and later shapes: out of time")
+            break
+        result = bench(*args, peak, reps, device, **options)
         if result is None:
             print(f"skipped {bench.__name__}{args}: does not fit in {MEMORY_FRACTION:.0%} of free GPU memory")
         else:
             results.append(result)
-        torch.cuda.empty_cache()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
     return results
+
+
+def shared_prefix_threshold(results: list[dict]) -> dict:
+    """Per row count, the shortest measured prompt from which shared-prefix attention is at least as fast as plain
+    paged attention at that prompt and every longer one (None: never); `shared_prefix_min_prompt` is the largest of
+    them (the prompt length below which shared-prefix attention stops paying, for any of these row counts)."""
+    per_rows = {}
+    for rows in sorted({r["rows"] for r in results}):
+        measured = sorted((r["prompt"], r["speedup"]) for r in results if r["rows"] == rows)
+        threshold = None
+        for prompt, _ in reversed(measured):
+            if all(speedup >= 1.0 for p, speedup in measured if p >= prompt):
+                threshold = prompt
+        per_rows[rows] = threshold
+    known = [t for t in per_rows.values() if t is not None]
+    overall = max(known) if known and len(known) == len(per_rows) else None
+    return {"per_rows": per_rows, "shared_prefix_min_prompt": overall}
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -293,8 +342,11 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="assert the kernels match the references first")
     parser.add_argument("--peak-bw", type=float, default=None, help="peak HBM bytes/s (default: from the device name)")
     parser.add_argument("--reps", type=int, default=50, help="timed runs per measurement (median; >= 20)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (scripts/gpu_check.py)")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new shape after this many seconds")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
     if args.reps < 20:
         parser.error("--reps must be >= 20")
     if not torch.cuda.is_available():
@@ -317,10 +369,21 @@ def main(argv=None) -> int:
         check = check_kernels("cuda")
         print("--check passed: " + ", ".join(f"{k}: max error {v:.2g}" for k, v in check.items()) + "\n")
 
-    decode = run_all(bench_decode, [(r, t) for t in DECODE_TOKENS for r in DECODE_ROWS], peak, args.reps)
+    grid = QUICK if args.quick else dict(decode_rows=DECODE_ROWS, decode_tokens=DECODE_TOKENS, shared_rows=SHARED_ROWS,
+                                         shared_prompts=SHARED_PROMPTS, threshold_rows=SHARED_ROWS,
+                                         threshold_prompts=THRESHOLD_PROMPTS)  # fmt: skip
+    decode = run_all(bench_decode, [(r, t) for t in grid["decode_tokens"] for r in grid["decode_rows"]], peak,
+                     args.reps, deadline=deadline)  # fmt: skip
     print("## Decode: paged_attention vs SDPA on contiguous K/V\n\n" + decode_table(decode) + "\n", flush=True)
-    shared = run_all(bench_shared, [(r, p) for p in SHARED_PROMPTS for r in SHARED_ROWS], peak, args.reps)
+    shared = run_all(bench_shared, [(r, p) for p in grid["shared_prompts"] for r in grid["shared_rows"]], peak,
+                     args.reps, deadline=deadline)  # fmt: skip
     print("## Shared-prefix decode vs plain paged_attention\n\n" + shared_table(shared) + "\n")
+    sweep = run_all(bench_shared, [(r, p) for p in grid["threshold_prompts"] for r in grid["threshold_rows"]], peak,
+                    args.reps, deadline=deadline)  # fmt: skip
+    threshold = shared_prefix_threshold(sweep)
+    print("## Shared-prefix threshold\n\n" + shared_table(sweep) + "\n")
+    print(f"shared prefix pays from (prompt tokens, per rows): {threshold['per_rows']}; "
+          f"dispatch threshold: {threshold['shared_prefix_min_prompt']}\n")
     summary = goals(decode, shared)
     for name, value in summary.items():
         print(f"- {name}: {'n/a' if value is None else f'{value:.0%}' if 'peak' in name else f'{value:.2f}x'}")
@@ -332,6 +395,7 @@ def main(argv=None) -> int:
         "shape": dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE,
                       dtype=str(DTYPE)),
         "reps": args.reps, "check": check, "decode": decode, "shared_prefix": shared, "goals": summary,
+        "threshold_sweep": sweep, "threshold": threshold,
     })  # fmt: skip
     print(f"\nwrote {out}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -12,7 +13,46 @@ from .blocks import BlockCopies, SharedPrefix
 from .kernels.grouping import GroupMembers, group_members
 from .layout import regular_layout, strided_rows
 
-__all__ = ["DeviceSharedPrefix", "DeviceStep", "PagedStep"]
+__all__ = ["DeviceSharedPrefix", "DeviceStep", "MaskPattern", "PagedStep", "mark_mask", "mask_pattern"]
+
+
+@dataclass(frozen=True)
+class MaskPattern:
+    """What a boolean mask [rows, 1, q_length, kv_length] that transformers built for a paged forward holds, when the
+    kernels can apply it: causality for queries at positions q_offset + i over keys kv_offset + j, a sliding window (or
+    none), and left padding, which they take as each row's first visible key (`DeviceStep.kv_start`).
+
+    Recorded by the mask function registered with transformers (attention/__init__.py), which sees how the mask was
+    built; a mask without one (a user's 4D mask, image tokens attending both ways, a prefix-LM) is applied exactly by
+    the PyTorch path.
+    """
+
+    window: int | None
+    q_offset: int
+    kv_offset: int
+    kv_length: int
+
+    def matches(self, step: "PagedStep") -> bool:
+        """Whether the pattern's positions are the step's (queries after the cached tokens, keys from 0)."""
+        return self.kv_offset == 0 and self.kv_length == step.seq_len and self.q_offset == step.past_len
+
+
+# The masks built for the forward running in this thread (or task), with their patterns: a model builds a few per
+# forward (full and sliding layers), and its layers look theirs up by identity.
+_marked: ContextVar[tuple] = ContextVar("paged_generate_masks", default=())
+_MARKED_KEPT = 4
+
+
+def mark_mask(mask: torch.Tensor, pattern: MaskPattern) -> None:
+    _marked.set(((mask, pattern),) + _marked.get()[: _MARKED_KEPT - 1])
+
+
+def mask_pattern(mask: torch.Tensor) -> MaskPattern | None:
+    """The pattern `mark_mask` recorded for this very mask tensor, or None."""
+    for marked, pattern in _marked.get():
+        if marked is mask:
+            return pattern
+    return None
 
 
 class PagedStep:
@@ -101,7 +141,6 @@ class DeviceStep:
     def __init__(self, step: PagedStep, device: torch.device):
         self.step, self.device = step, device
         self._kv_start_by_mask: dict = {}
-        self._sees_ahead_by_mask: dict = {}
 
     @cached_property
     def block_tables(self) -> torch.Tensor:
@@ -141,18 +180,6 @@ class DeviceStep:
             seen_by_any_query = attention_mask[:, 0].any(dim=1)  # [num_rows, seq_len]
             kv_start = seen_by_any_query.to(torch.uint8).argmax(dim=-1).to(torch.int32)
             cached = self._kv_start_by_mask[id(attention_mask)] = (attention_mask, kv_start)
-        return cached[1]
-
-    def sees_ahead(self, attention_mask: torch.Tensor | None) -> bool:
-        """Whether some query may see a key after its own position in transformers' boolean mask [num_rows, 1,
-        query_len, seq_len] (bidirectional image tokens), which a causal kernel would hide. One host sync per mask,
-        paid by prompt forwards only (a decode step's single query sees nothing after it)."""
-        if attention_mask is None:
-            return False
-        cached = self._sees_ahead_by_mask.get(id(attention_mask))
-        if cached is None or cached[0] is not attention_mask:
-            after_query = attention_mask[:, 0].triu(diagonal=attention_mask.shape[-1] - attention_mask.shape[-2] + 1)
-            cached = self._sees_ahead_by_mask[id(attention_mask)] = (attention_mask, bool(after_query.any()))
         return cached[1]
 
 

@@ -265,3 +265,24 @@ def test_attention_modules_are_found_by_their_conventions():
         found = attention_modules(model)
         assert len(found) == layers and sorted(module.layer_idx for module in found) == list(range(layers)), _moved(
             f"{name}'s attention modules no longer carry an int `layer_idx` and `is_causal`")
+
+
+def test_mask_function_structure_read_by_mask_functions():
+    # patches/mask_functions.py reads `and_masks`' parts and `sliding_window_overlay`'s window from their closures.
+    import transformers
+    from transformers import masking_utils as mu
+
+    from paged_generate.patches.mask_functions import causal_window
+
+    version = transformers.__version__
+    padding = mu.padding_mask_function(torch.ones(1, 4, dtype=torch.bool))
+    assert causal_window(mu.causal_mask_function) == (True, None), version
+    assert causal_window(mu.sliding_window_causal_mask_function(7)) == (True, 7), (
+        f"transformers {version}: sliding_window_causal_mask_function is no longer and_masks(sliding_window_overlay, "
+        f"causal_mask_function); update patches/mask_functions.py")
+    assert causal_window(mu.and_masks(mu.sliding_window_causal_mask_function(7), mu.sliding_window_overlay(3))) == (
+        True, 3)
+    for other in (mu.or_masks(mu.causal_mask_function, padding), mu.and_masks(mu.causal_mask_function, padding),
+                  mu.bidirectional_mask_function, mu.sliding_window_overlay(3),
+                  mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)), lambda b, h, q, kv: kv <= q):
+        assert causal_window(other) == (False, None), (version, other)

@@ -4,7 +4,8 @@ A layer hands attention either ordinary K/V (no paged cache, or rows read in pla
 straight to stock's function, or its pools with a `PagedRead`. Then, in this order:
 
 1. what only stock's function reproduces (`needs_stock_attention`): stock's function on every row's K/V;
-2. a CUDA layer the Triton kernels can serve: the kernels, shared-prefix or plain;
+2. a CUDA layer the Triton kernels can serve, with a mask they reproduce (`_kernel_can_serve`): the kernels,
+   shared-prefix or plain;
 3. a decode step whose rows share a prefix: the PyTorch shared-prefix split;
 4. otherwise stock's function on every row's K/V (views of the pools, or gathered).
 """
@@ -17,6 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .. import kernels
 from ..cache import PagedRead, paged_read_of
 from ..layout import strided_rows
+from ..step import mask_pattern
 from .shared_prefix import shared_prefix_attention
 from .split_rule import split_pays
 from .stock import needs_stock_attention, stock_attention, stock_attention_on_rows, stock_cache_window
@@ -65,9 +67,10 @@ def paged_attention(
     fixes it, so no per-layer config lookup is needed.
     """
     if not needs_stock_attention(implementation, query, kwargs):
-        if read.use_triton and _kernel_can_serve(read, query, attention_mask, dropout, kwargs):
-            return _triton_forward(query, read, attention_mask, _scale(module, query, scaling), kwargs), None
-        if _can_split_shared_prefix(read, "torch", dropout, kwargs):
+        known, window = _mask_known(module, query, attention_mask, read.step)
+        if read.use_triton and known and _kernel_can_serve(query, read, dropout, kwargs):
+            return _triton_forward(query, read, attention_mask, _scale(module, query, scaling), window, kwargs), None
+        if known and _can_split_shared_prefix(read, "torch", dropout, kwargs):
             return _shared_prefix_forward(module, query, read, attention_mask, scaling), None
     key, value = read.rows()
     layer = read.layer
@@ -76,19 +79,34 @@ def paged_attention(
                                    scaling=scaling, window=window, **kwargs)
 
 
-def _kernel_can_serve(read: PagedRead, query, attention_mask, dropout: float, kwargs: dict) -> bool:
-    # The kernel knows left padding + causality + window + softcap; anything else goes to the PyTorch path, as does a
-    # prompt whose mask lets some keys see later ones (Gemma 3's bidirectional image tokens).
-    boolean_mask = attention_mask is None or attention_mask.dtype == torch.bool
-    if not boolean_mask or dropout or kwargs.get("s_aux") is not None:
-        return False
-    return query.shape[2] == 1 or not read.device_step.sees_ahead(attention_mask)
+def _mask_known(module, query, attention_mask, step) -> tuple[bool, int | None]:
+    """Whether the mask is causal, left padding and a window (the window, or None) at the step's positions: what the
+    kernels and the PyTorch split apply. Read from how the mask was built, never from its values (no sync).
+
+    No mask: sdpa_mask leaves it out only where it is plain causal and no window can hide a key, and stock then relies
+    on the module's `is_causal` (a single query sees every key either way). A mask: only one `paged_mask` marked.
+    A window passed as a kwarg is not used: stock's SDPA and eager apply the mask alone.
+    """
+    if attention_mask is None:
+        return getattr(module, "is_causal", True) or query.shape[2] == 1, None
+    pattern = mask_pattern(attention_mask)
+    if pattern is None or attention_mask.dtype != torch.bool or not pattern.matches(step):
+        return False, None
+    return True, pattern.window
 
 
-def _triton_forward(query, read: PagedRead, attention_mask, scale: float, kwargs: dict) -> torch.Tensor:
+def _kernel_can_serve(query, read: PagedRead, dropout: float, kwargs: dict) -> bool:
+    # The kernels know left padding, causality, a window and a softcap, in the cache's dtype (their pools were checked
+    # when created: `kernels_serve`); attention sinks, dropout, or a query or values of another dtype (autocast: fp32
+    # queries and keys after the rotary embedding, bf16 values) take the PyTorch path.
+    return not dropout and kwargs.get("s_aux") is None and query.dtype == read.keys.dtype == read.values.dtype
+
+
+def _triton_forward(query, read: PagedRead, attention_mask, scale: float, window: int | None,
+                    kwargs: dict) -> torch.Tensor:
     step, device_step = read.step, read.device_step
     features = dict(
-        scale=scale, kv_start=device_step.kv_start(attention_mask), sliding_window=kwargs.get("sliding_window"),
+        scale=scale, kv_start=device_step.kv_start(attention_mask), sliding_window=window,
         softcap=kwargs.get("softcap"),
     )
     if step.shares_prefix and split_pays(step.redundant_prefix_tokens, "triton"):

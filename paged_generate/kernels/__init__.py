@@ -4,6 +4,10 @@ Layout shared by every kernel: ``key_cache``/``value_cache`` are
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; ``block_tables`` is int32
 ``[num_rows, max_blocks_per_row]`` padded with -1.
 
+Every launch runs under its tensors' CUDA device (so on that device's current stream), whatever device is current.
+Integer arguments that grow with the rows are not specialised on, and the split / merge choices are made at run
+time, so a generate() call compiles its variants in its first steps only.
+
 The Triton wrappers are imported on first use, so ``import paged_generate.kernels`` neither
 needs Triton nor fixes whether kernels compile for the GPU or run under
 ``TRITON_INTERPRET=1`` (Triton decides that when a kernel module is imported).

@@ -10,6 +10,7 @@ parameters from their annotations, which should be the real ``tl.constexpr`` obj
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -83,6 +84,32 @@ def check_launchable(kernel, *tensors: torch.Tensor) -> None:
             else " Use CUDA tensors, or set TRITON_INTERPRET=1 before the kernels are first used."
         )
         raise ValueError("Triton kernels cannot run on CPU tensors." + hint)
+
+
+def launch_context(device: torch.device):
+    """What a launch on ``device`` runs under: that CUDA device (Triton launches on the current device, on its
+    current stream), nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_tensors_device(launch):
+    """Decorate a ``launch_*`` function so that its kernels launch under the device of its first (tensor) argument.
+
+    Without it a layer on cuda:1 while cuda:0 is current would launch on cuda:0 and its stream: an illegal access, or
+    with peer access on, kernels unordered against the layer's own work."""
+
+    @functools.wraps(launch)
+    def on_device(first: torch.Tensor, *args, **kwargs):
+        with launch_context(first.device):
+            return launch(first, *args, **kwargs)
+
+    return on_device
+
+
+def warm_up(kernel, *args, grid, **kwargs) -> None:
+    """Compile ``kernel`` for these arguments without launching it (the interpreter has nothing to compile)."""
+    with launch_context(args[0].device):
+        kernel.run(*args, grid=grid, warmup=True, **kwargs)
 
 
 def next_power_of_2(n: int) -> int:

@@ -10,10 +10,11 @@ partial (max, sum, acc) and ``split_reduce`` merges them (flash-decoding).
 
 import torch
 
-from ._triton import check_launchable, kernel_is_interpreted, multiprocessor_count, next_power_of_2, tl, triton
+from ._triton import (check_launchable, kernel_is_interpreted, multiprocessor_count, next_power_of_2, on_tensors_device,
+                      tl, triton)
 from .bf16 import round_to_bf16
 from .limits import MAX_BLOCK_SIZE, MAX_HEAD_DIM, MIN_BLOCK_SIZE, SUPPORTED_DTYPES
-from .split_reduce import split_reduce
+from .split_reduce import launch_split_reduce, warm_up_split_reduce
 from .tiles import attend_tiles, split_tiles
 
 MAX_SPLITS = 64  # cap of the automatic choice
@@ -22,12 +23,17 @@ MAX_FORCED_SPLITS = 1024  # the reduce kernel loads a head's split maxima as one
 MIN_KEYS_PER_SPLIT = 256
 
 
-@triton.jit
+# Integer arguments that differ between steps of one generate() call (the tables widen as rows grow) or between
+# prompts: Triton would otherwise compile a new variant each time one of them turns 1 or a multiple of 16.
+GROWING_ARGS = ("stride_bt_row", "query_len", "num_q_blocks")
+
+
+@triton.jit(do_not_specialize=GROWING_ARGS)
 def _paged_attention_kernel(
-    out_ptr,  # [num_rows, query_len, num_q_heads, head_dim] contiguous (unused when SPLIT)
-    part_max_ptr,  # [num_rows, query_len, num_q_heads, num_splits] fp32 (SPLIT only)
-    part_sum_ptr,  # [num_rows, query_len, num_q_heads, num_splits] fp32 (SPLIT only)
-    part_acc_ptr,  # [num_rows, query_len, num_q_heads, num_splits, head_dim] fp32 (SPLIT only)
+    out_ptr,  # [num_rows, query_len, num_q_heads, head_dim] contiguous (written with one split)
+    part_max_ptr,  # [num_rows, query_len, num_q_heads, num_splits] fp32 (written with several splits)
+    part_sum_ptr,  # [num_rows, query_len, num_q_heads, num_splits] fp32 (written with several splits)
+    part_acc_ptr,  # [num_rows, query_len, num_q_heads, num_splits, head_dim] fp32 (written with several splits)
     query_ptr,  # [num_rows, num_q_heads, query_len, head_dim], any strides
     key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], head_dim stride 1
     value_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], same strides as key_cache
@@ -59,7 +65,6 @@ def _paged_attention_kernel(
     HAS_KV_START: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
-    SPLIT: tl.constexpr,
     EMULATE_BF16: tl.constexpr,  # interpreting bf16: see bf16.py
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else None (backend default)
 ):
@@ -114,14 +119,15 @@ def _paged_attention_kernel(
     m_i, l_i, acc = attend_tiles(
         q, m_i, l_i, acc, q_pos, tl.full([BLOCK_M], kv_lo, tl.int32), m_valid,
         key_cache_ptr, value_cache_ptr, block_tables_ptr + row64 * stride_bt_row, 0,
-        kv_lo, k_end, my_begin, my_end, kv_head.to(tl.int64) * stride_c_head, stride_c_block, stride_c_slot,
+        k_begin, k_end, my_begin, my_end, kv_head.to(tl.int64) * stride_c_head, stride_c_block, stride_c_slot,
         scale, softcap, sliding_window,
         HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION,
     )  # fmt: skip
 
     # Flat (row, query token, q head) index: the layout of out and of the partials.
     out_index = (row64 * query_len + q_idx) * num_q_heads + q_head
-    if SPLIT:
+    # A runtime branch, not a constexpr: the split count changes as rows grow, and one compiled variant serves both.
+    if num_splits > 1:
         part = out_index * num_splits + split
         tl.store(part_max_ptr + part, m_i, mask=m_valid)
         tl.store(part_sum_ptr + part, l_i, mask=m_valid)
@@ -153,15 +159,14 @@ def kernel_meta(
     has_kv_start: bool,
     sliding_window: bool,
     softcap: bool,
-    split: bool,
     emulate_bf16: bool = False,
 ) -> dict:
     """The kernel's constexprs and launch options for one shape (also used to AOT-compile it in tests)."""
     group = num_q_heads // num_kv_heads
     group_pad = next_power_of_2(group)
-    # Prefill takes ~64 tile rows; decode only what the group needs, but at least 16 since
-    # tl.dot has a minimum M.
-    target_m = 64 if query_len > 1 else 16
+    # Prefill takes ~64 tile rows; decode only what the group needs, but at least 16 since tl.dot has a minimum M.
+    # fp32 dots run in exact fp32 (FMA, no tensor cores), whose operands take 2x the registers: small tiles there.
+    target_m = 64 if query_len > 1 and dtype != torch.float32 else 16
     block_q = max(1, min(next_power_of_2(query_len), target_m // group_pad))
     block_m = max(16, block_q * group_pad)
     head_dim_pad = max(16, next_power_of_2(head_dim))
@@ -173,18 +178,26 @@ def kernel_meta(
         GROUP_PAD=group_pad,
         BLOCK_Q=block_m // group_pad,
         BLOCK_M=block_m,
-        # Register pressure grows with head_dim; 64 keys per step is plenty below 256.
-        TILE_N=min(max(16, block_size), 32 if head_dim_pad >= 256 else 64),
+        # Key tiles span several blocks when blocks are small (block ids looked up per key): the online softmax then
+        # rescales once per TILE_N keys, not once per block. Register pressure grows with head_dim.
+        TILE_N=tile_n(head_dim_pad, dtype),
         HAS_KV_START=has_kv_start,
         SLIDING_WINDOW=sliding_window,
         USE_SOFTCAP=softcap,
-        SPLIT=split,
         EMULATE_BF16=emulate_bf16,
         # fp32 caches exist for accuracy (tests, debugging): keep that dot in true fp32, not
         # tf32. None: the backend's default for 16-bit inputs (where the option does not apply).
         DOT_PRECISION="ieee" if dtype == torch.float32 or emulate_bf16 else None,
-        num_warps=8 if block_m * head_dim_pad >= 64 * 256 else 4,
+        # What keeps sm_90 below 255 registers without spills (see tests/kernels/test_kernel_gpu_compile.py).
+        num_warps=8 if block_m * head_dim_pad * dtype.itemsize >= 64 * 256 * 2 else 4,
     )
+
+
+def tile_n(head_dim_pad: int, dtype: torch.dtype) -> int:
+    """Keys per inner iteration of the attention kernels."""
+    if dtype == torch.float32:
+        return 16
+    return 32 if head_dim_pad >= 256 else 64
 
 
 def choose_num_splits(num_programs: int, max_kv_len: int, device: torch.device) -> int:
@@ -272,6 +285,7 @@ def paged_attention(
                                   num_splits=num_splits)
 
 
+@on_tensors_device
 def launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale, kv_start=None,
                            sliding_window=None, softcap=None, num_splits=None) -> torch.Tensor:
     """``paged_attention`` without its argument checks, for callers that validated the shapes once per step."""
@@ -295,7 +309,6 @@ def launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens
         has_kv_start=kv_start is not None,
         sliding_window=sliding_window is not None,
         softcap=softcap is not None,
-        split=False,
         emulate_bf16=query.dtype == torch.bfloat16 and kernel_is_interpreted(_paged_attention_kernel),
     )
     num_q_blocks = triton.cdiv(query_len, meta["BLOCK_Q"])
@@ -305,14 +318,12 @@ def launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens
             num_splits = choose_num_splits(num_rows * num_kv_heads, block_tables.shape[1] * block_size, query.device)
     if not 1 <= num_splits <= MAX_FORCED_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_FORCED_SPLITS}], got {num_splits}")
-    meta["SPLIT"] = split = num_splits > 1
-
-    if split:
-        part_max = torch.empty(num_rows, query_len, num_q_heads, num_splits, dtype=torch.float32, device=query.device)
-        part_sum = torch.empty_like(part_max)
-        part_acc = torch.empty(*part_max.shape, head_dim, dtype=torch.float32, device=query.device)
-    else:
-        part_max = part_sum = part_acc = out  # unused by the kernel when SPLIT is off
+    split = num_splits > 1
+    # Without splits the partials are never touched; fp32 all the same, so both cases launch one compiled variant.
+    parts = num_splits if split else 0
+    part_max = torch.empty(num_rows, query_len, num_q_heads, parts, dtype=torch.float32, device=query.device)
+    part_sum = torch.empty_like(part_max)
+    part_acc = torch.empty(*part_max.shape, head_dim, dtype=torch.float32, device=query.device)
 
     grid = (num_rows * num_q_blocks, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
@@ -343,5 +354,7 @@ def launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens
         **meta,
     )
     if split:
-        split_reduce(out, part_max, part_sum, part_acc)
+        launch_split_reduce(out, part_max, part_sum, part_acc)
+    elif num_q_blocks == 1:
+        warm_up_split_reduce(out, head_dim)  # rows growing past the split threshold then compile nothing mid-call
     return out

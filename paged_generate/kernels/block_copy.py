@@ -2,7 +2,7 @@
 
 import torch
 
-from ._triton import check_launchable, tl, triton
+from ._triton import check_launchable, on_tensors_device, tl, triton
 
 # Elements per program: big enough to amortise the launch index math, small enough to
 # spread one block (block_size * heads * head_dim, often 16K-64K elements) over many SMs.
@@ -50,6 +50,7 @@ def copy_blocks(
     launch_copy_blocks(key_cache, value_cache, src, dst)
 
 
+@on_tensors_device
 def launch_copy_blocks(key_cache, value_cache, src, dst) -> None:
     """``copy_blocks`` without its argument checks, for callers that validated the shapes once per step."""
     block_numel = key_cache[0].numel() if key_cache.shape[0] else 0

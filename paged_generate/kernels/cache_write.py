@@ -2,7 +2,7 @@
 
 import torch
 
-from ._triton import check_launchable, next_power_of_2, tl, triton
+from ._triton import check_launchable, next_power_of_2, on_tensors_device, tl, triton
 
 
 @triton.jit
@@ -80,6 +80,7 @@ def write_kv(
     launch_write_kv(key, value, key_cache, value_cache, slot_mapping)
 
 
+@on_tensors_device
 def launch_write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
     """``write_kv`` without its argument checks, for callers that validated the shapes once per step."""
     num_tokens, num_kv_heads, head_dim = key.shape

@@ -8,11 +8,12 @@ softmaxes are merged exactly (FlashInfer's cascade attention, Hydragen, bifurcat
 
 Launches (all on the caller's stream, in order):
 
-1. ``_prefix_kernel``: one program per (query tile of a group, group x kv head, prefix split);
+1. ``_prefix_kernel``: one program per (query tile of a group, group x kv head, prefix split), the first two
+   folded into the grid's x axis (CUDA caps y and z at 65,535; 2,048 prompts x 32 kv heads exceed that);
    writes the partial softmax state (max in log2 units, sum, unnormalised P @ V) of each query.
 2. ``_suffix_kernel``: one program per (row, kv head, suffix split) over the row's own blocks.
-   With one suffix split it also merges the prefix partials and writes the output; with more it
-   writes partials as well and
+   With one suffix split it also merges the prefix partials and writes the output (unless its query tile is too
+   wide to hold a second accumulator: ``CAN_MERGE``); with more it writes partials as well and
 3. ``split_reduce`` merges them all.
 
 Partial states use ``split_reduce``'s layout ``[num_rows, 1, num_q_heads, num_slots(, head_dim)]``:
@@ -21,11 +22,11 @@ slots ``[0, prefix_splits)`` belong to the prefix kernel, the rest to the suffix
 
 import torch
 
-from ._triton import check_launchable, kernel_is_interpreted, next_power_of_2, tl, triton
-from .attention import MAX_FORCED_SPLITS, _check_inputs, choose_num_splits, kernel_meta
+from ._triton import check_launchable, kernel_is_interpreted, next_power_of_2, on_tensors_device, tl, triton
+from .attention import MAX_FORCED_SPLITS, _check_inputs, choose_num_splits, kernel_meta, tile_n
 from .bf16 import round_to_bf16
 from .grouping import GroupMembers, group_members
-from .split_reduce import split_reduce
+from .split_reduce import launch_split_reduce, warm_up_split_reduce
 from .tiles import attend_tiles, split_tiles
 
 # Queries (members x q heads per kv head) per prefix program. Bigger groups take several tiles,
@@ -33,7 +34,13 @@ from .tiles import attend_tiles, split_tiles
 PREFIX_MAX_M = 64
 
 
-@triton.jit
+def prefix_grid(m_tiles: int, num_groups: int, num_kv_heads: int, num_splits: int) -> tuple[int, int]:
+    """The prefix kernel's grid: (query tile, kv head, group) folded into x, whose limit is 2**31 - 1; splits in y."""
+    return m_tiles * num_kv_heads * num_groups, num_splits
+
+
+# Integer arguments that change between steps of one call (widths of the tables, slot counts): see attention.py.
+@triton.jit(do_not_specialize=("stride_pt_group", "num_slots", "m_tiles"))
 def _prefix_kernel(
     part_max_ptr,  # [num_rows, num_q_heads, num_slots] fp32
     part_sum_ptr,  # [num_rows, num_q_heads, num_slots] fp32
@@ -57,6 +64,7 @@ def _prefix_kernel(
     num_kv_heads,
     num_q_heads,
     num_slots,
+    m_tiles,
     scale,
     softcap,
     sliding_window,
@@ -74,10 +82,11 @@ def _prefix_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     MEMBERS: tl.constexpr = BLOCK_M // GROUP_PAD
-    m_tile = tl.program_id(0)
-    group = tl.program_id(1) // num_kv_heads
-    kv_head = tl.program_id(1) % num_kv_heads
-    split = tl.program_id(2)
+    pid = tl.program_id(0)
+    m_tile = pid % m_tiles
+    kv_head = (pid // m_tiles) % num_kv_heads
+    group = pid // (m_tiles * num_kv_heads)
+    split = tl.program_id(1)
     first_member = tl.load(group_start_ptr + group)
     num_members = tl.load(group_start_ptr + group + 1) - first_member
 
@@ -113,7 +122,7 @@ def _prefix_kernel(
         lo = tl.maximum(lo, q_pos - sliding_window + 1)
     load_lo = tl.min(tl.where(m_valid, lo, 2147483647), 0)  # int32 max: "sees nothing"
     load_hi = tl.minimum(tl.max(tl.where(m_valid, q_pos + 1, 0), 0), tl.load(prefix_len_ptr + group))
-    my_begin, my_end = split_tiles(load_lo, load_hi, split, tl.num_programs(2), TILE_N)
+    my_begin, my_end = split_tiles(load_lo, load_hi, split, tl.num_programs(1), TILE_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -133,9 +142,9 @@ def _prefix_kernel(
     tl.store(part_acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=m_valid[:, None] & d_valid[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("stride_st_row", "num_slots", "first_slot"))
 def _suffix_kernel(
-    out_ptr,  # [num_rows, 1, num_q_heads, HEAD_DIM] contiguous (MERGE only)
+    out_ptr,  # [num_rows, 1, num_q_heads, HEAD_DIM] contiguous (written with one suffix split)
     part_max_ptr,  # [num_rows, num_q_heads, num_slots] fp32
     part_sum_ptr,  # [num_rows, num_q_heads, num_slots] fp32
     part_acc_ptr,  # [num_rows, num_q_heads, num_slots, HEAD_DIM] fp32
@@ -172,7 +181,7 @@ def _suffix_kernel(
     USE_SOFTCAP: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    MERGE: tl.constexpr,  # one suffix split: merge the prefix partials and write out
+    CAN_MERGE: tl.constexpr,  # whether one suffix split merges (else split_reduce always does)
 ):
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -220,7 +229,9 @@ def _suffix_kernel(
     )  # fmt: skip
 
     head_index = row * num_q_heads + q_head  # flat (row, q head): the layout of out and of the partials
-    if MERGE:
+    # One suffix split merges the prefix partials and writes out; a runtime branch, as the split count changes as
+    # rows grow and one compiled variant serves both.
+    if CAN_MERGE and tl.num_programs(2) == 1:
         for s in range(0, first_slot):
             slot = head_index * num_slots + s
             m_s = tl.load(part_max_ptr + slot, mask=m_valid, other=float("-inf"))
@@ -261,27 +272,29 @@ def prefix_meta(*, max_group_size: int, num_q_heads: int, num_kv_heads: int, hea
     """The prefix kernel's constexprs and launch options (also used to AOT-compile it in tests)."""
     base = kernel_meta(
         query_len=1, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
-        dtype=dtype, has_kv_start=has_kv_start, sliding_window=sliding_window, softcap=softcap, split=False,
+        dtype=dtype, has_kv_start=has_kv_start, sliding_window=sliding_window, softcap=softcap,
         emulate_bf16=emulate_bf16,
     )  # fmt: skip
     group_pad = base["GROUP_PAD"]
-    block_m = max(16, group_pad, min(next_power_of_2(max(max_group_size, 1) * group_pad), PREFIX_MAX_M))
+    max_m = PREFIX_MAX_M if dtype != torch.float32 else 16  # fp32: see kernel_meta
+    block_m = max(16, group_pad, min(next_power_of_2(max(max_group_size, 1) * group_pad), max_m))
     head_dim_pad = base["HEAD_DIM_PAD"]
     meta = {k: base[k] for k in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_SIZE", "GROUP", "GROUP_PAD", "HAS_KV_START",
                                  "SLIDING_WINDOW", "USE_SOFTCAP", "EMULATE_BF16", "DOT_PRECISION")}  # fmt: skip
-    # The prefix is read once per tile of queries, so take wide key tiles (several blocks per tile
-    # when blocks are small: looked up per key). Warps: what keeps sm_90 below 255 registers
-    # without spills (see test_kernel_shared_prefix_compile.py).
-    meta.update(BLOCK_M=block_m, TILE_N=32 if head_dim_pad >= 256 else 64,
-                num_warps=8 if block_m * head_dim_pad >= 32 * 128 else 4)  # fmt: skip
+    # The prefix is read once per tile of queries, so take wide key tiles (several blocks per tile when blocks are
+    # small: looked up per key). Warps: what keeps sm_90 below 255 registers without spills with Triton 3.6 to 3.9
+    # (tests/kernels/test_kernel_gpu_compile.py); 16-row 16-bit tiles spill at 8 warps, where ptxas keeps 128 registers.
+    wide = block_m * head_dim_pad * dtype.itemsize >= 32 * 128 * 2 and (block_m >= 32 or dtype == torch.float32)
+    meta.update(BLOCK_M=block_m, TILE_N=tile_n(head_dim_pad, dtype), num_warps=8 if wide else 4)
     return meta
 
 
-def suffix_meta(*, merge: bool, **kwargs) -> dict:
+def suffix_meta(**kwargs) -> dict:
     """The suffix kernel's constexprs and launch options: paged_attention's decode choices."""
-    meta = kernel_meta(query_len=1, split=False, **kwargs)
-    del meta["BLOCK_Q"], meta["SPLIT"]
-    meta["MERGE"] = merge
+    meta = kernel_meta(query_len=1, **kwargs)
+    del meta["BLOCK_Q"]
+    # The merge holds a second accumulator: past this tile size it would spill on sm_90.
+    meta["CAN_MERGE"] = meta["BLOCK_M"] * meta["HEAD_DIM_PAD"] * kwargs["dtype"].itemsize < 64 * 256 * 2
     return meta
 
 
@@ -353,6 +366,7 @@ def shared_prefix_paged_attention(
     )
 
 
+@on_tensors_device
 def launch_shared_prefix_paged_attention(query, key_cache, value_cache, *, row_group, prefix_tables, prefix_len,
                                          suffix_tables, seq_lens, scale, kv_start=None, sliding_window=None,
                                          softcap=None, members: GroupMembers, num_splits=None,
@@ -390,15 +404,15 @@ def launch_shared_prefix_paged_attention(query, key_cache, value_cache, *, row_g
         suffix_splits = choose_num_splits(num_rows * num_kv_heads, suffix_tables.shape[1] * block_size, query.device)
     if not 1 <= suffix_splits <= MAX_FORCED_SPLITS or num_splits + suffix_splits > MAX_FORCED_SPLITS:
         raise ValueError(f"suffix_splits must be in [1, {MAX_FORCED_SPLITS} - num_splits], got {suffix_splits}")
-    merge = suffix_splits == 1
+    smeta = suffix_meta(**shape)
+    merge = suffix_splits == 1 and smeta["CAN_MERGE"]
     num_slots = num_splits + (0 if merge else suffix_splits)
 
-    if num_slots:
-        part_max = torch.empty(num_rows, 1, num_q_heads, num_slots, dtype=torch.float32, device=query.device)
-        part_sum = torch.empty_like(part_max)
-        part_acc = torch.empty(*part_max.shape, head_dim, dtype=torch.float32, device=query.device)
-    else:
-        part_max = part_sum = part_acc = out  # never touched: no prefix, and the suffix kernel merges
+    # Empty when no prefix runs and the suffix kernel merges (never touched then); fp32 all the same, so every case
+    # launches the same compiled variants.
+    part_max = torch.empty(num_rows, 1, num_q_heads, num_slots, dtype=torch.float32, device=query.device)
+    part_sum = torch.empty_like(part_max)
+    part_acc = torch.empty(*part_max.shape, head_dim, dtype=torch.float32, device=query.device)
     features = (float(scale), float(softcap) if softcap is not None else 1.0,
                 int(sliding_window) if sliding_window is not None else 0)  # fmt: skip
     query_strides = (query.stride(0), query.stride(1), query.stride(3))
@@ -406,11 +420,11 @@ def launch_shared_prefix_paged_attention(query, key_cache, value_cache, *, row_g
     kv_start_arg = kv_start if kv_start is not None else seq_lens  # never read without HAS_KV_START
 
     if run_prefix:
-        _prefix_kernel[(m_tiles, num_groups * num_kv_heads, num_splits)](
+        _prefix_kernel[prefix_grid(m_tiles, num_groups, num_kv_heads, num_splits)](
             part_max, part_sum, part_acc, query, key_cache, value_cache,
             prefix_tables, prefix_len, members.group_start, members.member_rows, seq_lens, kv_start_arg,
             *query_strides, *cache_strides, prefix_tables.stride(0),
-            num_kv_heads, num_q_heads, num_slots, *features,
+            num_kv_heads, num_q_heads, num_slots, m_tiles, *features,
             **pmeta,
         )  # fmt: skip
     _suffix_kernel[(num_rows, num_kv_heads, suffix_splits)](
@@ -418,8 +432,10 @@ def launch_shared_prefix_paged_attention(query, key_cache, value_cache, *, row_g
         suffix_tables, row_group, prefix_len, seq_lens, kv_start_arg,
         *query_strides, *cache_strides, suffix_tables.stride(0),
         num_q_heads, num_slots, num_splits, *features,
-        **suffix_meta(merge=merge, **shape),
+        **smeta,
     )  # fmt: skip
     if not merge:
-        split_reduce(out, part_max, part_sum, part_acc)
+        launch_split_reduce(out, part_max, part_sum, part_acc)
+    else:
+        warm_up_split_reduce(out, head_dim)
     return out

@@ -63,3 +63,20 @@ def test_shared_case_tables(bench, device):
 def test_check_passes_under_the_interpreter(bench, device):
     errors = bench.check_kernels(device)
     assert len(errors) == 5
+
+
+def test_shared_prefix_threshold(bench):
+    speedups = {8: {128: 0.5, 512: 1.2, 2048: 0.9, 8192: 2.0}, 64: {128: 1.1, 512: 1.5, 2048: 3.0, 8192: 6.0}}
+    results = [dict(rows=r, prompt=p, speedup=s) for r, row in speedups.items() for p, s in row.items()]
+    # 8 rows: 512 pays but 2048 does not, so it pays only from 8192 on; 64 rows pay everywhere measured.
+    assert bench.shared_prefix_threshold(results) == {"per_rows": {8: 8192, 64: 128}, "shared_prefix_min_prompt": 8192}
+    results.append(dict(rows=16, prompt=8192, speedup=0.8))
+    assert bench.shared_prefix_threshold(results)["shared_prefix_min_prompt"] is None  # 16 rows never pay
+
+
+def test_benchmarks_run_on_cpu_with_the_wall_clock(bench, device):
+    # The wiring scripts/gpu_check.py --dry-run exercises: tiny shapes, interpreted kernels, wall-clock times.
+    assert bench.timer(device) is (bench.gpu_time if device.type == "cuda" else bench.wall_time)
+    shared = bench.run_all(bench.bench_shared, [(2, 32)], None, 1, device, own=8)
+    decode = bench.run_all(bench.bench_decode, [(1, 32)], None, 1, device)
+    assert shared[0]["speedup"] > 0 and decode[0]["vs_sdpa"] > 0

@@ -1,106 +1,104 @@
-"""Compile every kernel for an H100 (sm_90) with the real Triton compiler, no GPU needed.
+"""Every kernel variant the dispatch can launch compiles for an H100 (sm_90) without register spills and within its
+shared memory, for every cache dtype x head_dim class (see sm90_compile.py for how, without a GPU).
 
-The interpreter runs kernels as NumPy, so it accepts things the compiler rejects (and the
-other way round). This test lowers each kernel, for the constexpr combinations the wrappers
-produce, all the way to a cubin with Triton's bundled ptxas, and fails on spills. It runs in
-a subprocess because this process decorates the kernels for the interpreter.
+The launch wrappers run on CPU tensors shaped as generate() shapes them (transformers' transposed query view, the
+pools, int32 / int64 tables, the tokens-major K/V of a step), for the prompt step, the decode step with and without
+KV splits, the shared-prefix step (small and 64-row groups), the KV write, the block copy and the split merge. The
+head dims cover each power-of-two class the kernels pad to (64, 128, 256) and an unpadded one (80, 96); GQA groups of 4
+and 64 (the widest query tiles); all masking features on (the most registers) and off.
 """
 
-import os
-import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
-from sm90_compile import run_compile_script, sm90_target_and_ptxas
+import pytest
+from sm90_compile import check_launches, recorded_launches, run_compile_script
+
+DTYPES = ("float16", "bfloat16", "float32")
 
 
-def test_kernels_compile_for_sm90(tmp_path):
-    run_compile_script(__file__, tmp_path)
+def _compile_dtypes(tmp_path, *options):
+    # One process per dtype, side by side (the compiles are single-threaded).
+    with ThreadPoolExecutor(len(DTYPES)) as pool:
+        outs = list(pool.map(lambda d: run_compile_script(__file__, tmp_path / d, d, *options), DTYPES))
+    for dtype, out in zip(DTYPES, outs):
+        assert "variants compiled" in out, dtype + out[-2000:]
 
 
-def _compile_all():
-    import re
-    import tempfile
+def test_widest_variants_compile_for_sm90_without_spills(tmp_path):
+    # The register-heaviest classes: head dims 128 and 256 with every masking feature on.
+    _compile_dtypes(tmp_path, "--quick")
 
+
+@pytest.mark.slow
+def test_every_variant_compiles_for_sm90_without_spills(tmp_path):
+    _compile_dtypes(tmp_path)
+
+
+HEAD_DIMS = (64, 80, 128, 256)
+QUICK_HEAD_DIMS = (128, 256)
+# (q heads, kv heads): GQA 4 (Llama 3, Mistral) and a 64:1 group (multi-query), which makes the widest query tiles.
+HEADS = ((32, 8), (64, 1))
+
+
+def _scenarios(dtype, head_dim, heads, kv_heads, features):
+    """Launch every wrapper once the way a generate() step would, on small CPU tensors (nothing runs)."""
     import torch
-    import triton
 
-    target, ptxas = sm90_target_and_ptxas()
-    from triton.compiler import ASTSource
+    from paged_generate import kernels
+    from paged_generate.cache import _tokens_major
+    from paged_generate.kernels.grouping import group_members
 
-    from paged_generate.kernels.attention import _paged_attention_kernel, kernel_meta
-    from paged_generate.kernels.block_copy import _copy_blocks_kernel
-    from paged_generate.kernels.cache_write import _write_kv_kernel
-    from paged_generate.kernels.split_reduce import _split_reduce_kernel
+    block_size, num_blocks = 16, 4
+    pool = [torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(2)]
+    scale = head_dim**-0.5
+    extra = dict(sliding_window=4096, softcap=50.0) if features else {}
 
-    ttype = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    def step(rows, query_len, past):
+        # What a layer holds after its projections: [rows, heads, query_len, head_dim] transposed views.
+        query = torch.zeros(rows, query_len, heads, head_dim, dtype=dtype).transpose(1, 2)
+        key = torch.zeros(rows, query_len, kv_heads, head_dim, dtype=dtype).transpose(1, 2)
+        seq_len = past + query_len
+        width = -(-seq_len // block_size)
+        tables = torch.zeros(rows, width, dtype=torch.int32)
+        seq_lens = torch.full((rows,), seq_len, dtype=torch.int32)
+        kv_start = torch.zeros(rows, dtype=torch.int32) if features else None
+        slots = torch.zeros(rows * query_len, dtype=torch.int64)
+        kernels.launch_write_kv(_tokens_major(key), _tokens_major(key), *pool, slots)
+        kernels.launch_paged_attention(query, *pool, tables, seq_lens, scale=scale, kv_start=kv_start, **extra)
+        return query, seq_lens, kv_start
 
-    def compile_kernel(kernel, pointers, meta, floats=()):
-        meta = dict(meta)
-        num_warps = meta.pop("num_warps", 4)
-        # A real launch finds the constexprs from the annotations: they must be exactly these.
-        annotated = {p.name for p in kernel.params if p.is_constexpr}
-        assert annotated == set(meta), f"{kernel.__name__}: annotated {annotated} vs passed {set(meta)}"
-        signature = {}
-        for name in kernel.arg_names:
-            if name in meta:
-                signature[name] = "constexpr"
-            elif name in pointers:
-                signature[name] = pointers[name]
-            else:
-                signature[name] = "fp32" if name in floats else "i32"
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=meta), target=target,
-                                  options={"num_warps": num_warps})
-        report = ""
-        if ptxas is not None:
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(compiled.asm["ptx"])
-            res = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                                 capture_output=True, text=True)
-            os.unlink(f.name)
-            report = res.stdout + res.stderr
-            if res.returncode == 0:
-                spills = [int(n) for n in re.findall(r"(\d+) bytes spill", report)]
-                assert not any(spills), f"{kernel.__name__} {meta} spills: {report}"
-                report = " ".join(re.findall(r"Used \d+ registers", report))
-        print(kernel.__name__, {k: v for k, v in meta.items() if k != "DOT_PRECISION"}, report, flush=True)
+    step(2, 37, 0)  # prompt
+    step(2, 1, 40)  # short rows: one split
+    step(2, 1, 1000)  # long rows: KV splits and their merge
+    for rows, groups, own in ((8, 2, 40), (64, 1, 40), (8, 2, 1000)):  # beams / samples sharing their prompt
+        query, seq_lens, kv_start = step(rows, 1, 2000 + own)
+        row_group = torch.arange(rows) * groups // rows
+        shared = dict(row_group=row_group, prefix_tables=torch.zeros(groups, 125, dtype=torch.int64),
+                      prefix_len=torch.full((groups,), 2000, dtype=torch.int32),
+                      suffix_tables=torch.zeros(rows, -(-own // block_size) + 1, dtype=torch.int64))  # fmt: skip
+        kernels.launch_shared_prefix_paged_attention(
+            query, *pool, seq_lens=seq_lens, scale=scale, kv_start=kv_start,
+            members=group_members(row_group, groups, max_group_size=rows // groups), **shared, **extra)  # fmt: skip
+    kernels.launch_copy_blocks(*pool, torch.tensor([0]), torch.tensor([1]))
 
-    attention_cases = [
-        # dtype, query_len, q heads, kv heads, head_dim, block_size, kv_start, window, softcap, split
-        (torch.float16, 1, 32, 8, 128, 16, False, False, False, True),
-        (torch.bfloat16, 1, 32, 8, 128, 16, True, True, True, False),
-        (torch.bfloat16, 128, 32, 8, 128, 16, True, True, True, False),
-        (torch.float32, 17, 8, 1, 80, 8, True, False, False, False),
-        (torch.float16, 1, 16, 16, 96, 32, False, True, False, True),
-        (torch.bfloat16, 64, 8, 4, 256, 256, False, True, True, False),
-        (torch.float16, 1, 12, 2, 64, 64, False, False, False, True),
-        (torch.bfloat16, 1, 64, 1, 128, 16, False, False, False, True),
-    ]
-    for dtype, query_len, heads, kv_heads, head_dim, block_size, kv_start, window, softcap, split in attention_cases:
-        meta = kernel_meta(query_len=query_len, num_q_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                           block_size=block_size, dtype=dtype, has_kv_start=kv_start, sliding_window=window,
-                           softcap=softcap, split=split)
-        p = "*" + ttype[dtype]
-        pointers = dict(out_ptr=p, part_max_ptr="*fp32", part_sum_ptr="*fp32", part_acc_ptr="*fp32", query_ptr=p,
-                        key_cache_ptr=p, value_cache_ptr=p, block_tables_ptr="*i32", seq_lens_ptr="*i32",
-                        kv_start_ptr="*i32")
-        compile_kernel(_paged_attention_kernel, pointers, meta, floats=("scale", "softcap"))
 
-    for dtype, head_dim, splits in [(torch.bfloat16, 128, 5), (torch.float32, 80, 64), (torch.float16, 256, 1024)]:
-        pad = triton.next_power_of_2(head_dim)
-        meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, SPLITS_PAD=triton.next_power_of_2(splits),
-                    SPLIT_CHUNK=min(triton.next_power_of_2(splits), 16), EMULATE_BF16=False,
-                    num_warps=4 if head_dim > 128 else 2)
-        pointers = dict(out_ptr="*" + ttype[dtype], part_max_ptr="*fp32", part_sum_ptr="*fp32", part_acc_ptr="*fp32")
-        compile_kernel(_split_reduce_kernel, pointers, meta)
+def _compile_all(dtype_name: str, quick: bool) -> None:
+    import torch
 
-    for dtype, head_dim in [(torch.bfloat16, 80), (torch.float16, 256)]:
-        p = "*" + ttype[dtype]
-        pointers = dict(key_ptr=p, value_ptr=p, key_cache_ptr=p, value_cache_ptr=p, slot_mapping_ptr="*i64")
-        meta = dict(BLOCK_SIZE=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
-        compile_kernel(_write_kv_kernel, pointers, meta)
-
-    pointers = dict(key_cache_ptr="*fp16", value_cache_ptr="*fp16", src_ptr="*i64", dst_ptr="*i64")
-    compile_kernel(_copy_blocks_kernel, pointers, dict(CHUNK=1024))
+    dtype = getattr(torch, dtype_name)
+    seen, problems = {}, []
+    for head_dim in QUICK_HEAD_DIMS if quick else HEAD_DIMS:
+        for heads, kv_heads in HEADS:
+            for features in (True,) if quick else (True, False):
+                with recorded_launches() as launches:
+                    _scenarios(dtype, head_dim, heads, kv_heads, features)
+                label = f"{dtype_name} d={head_dim} {heads}/{kv_heads}{' masks' if features else ''}"
+                problems += check_launches(launches, label, seen)
+    print(f"{len(seen)} variants compiled")
+    if problems:
+        sys.exit("\n".join(problems))
 
 
 if __name__ == "__main__":
-    _compile_all()
+    _compile_all(sys.argv[1], quick="--quick" in sys.argv[2:])

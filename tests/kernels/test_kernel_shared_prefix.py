@@ -204,6 +204,18 @@ def test_features(device, dtype, feature, splits):
     run_and_check(case, num_splits=splits[0], suffix_splits=splits[1], **features)
 
 
+def test_suffix_too_wide_to_merge(device, monkeypatch):
+    # Query tiles too wide for the suffix kernel to hold a second accumulator (a 64-head group at head_dim 256 on a
+    # GPU): split_reduce merges even with one suffix split.
+    from paged_generate.kernels import shared_prefix
+
+    original = shared_prefix.suffix_meta
+    monkeypatch.setattr(shared_prefix, "suffix_meta", lambda **kw: {**original(**kw), "CAN_MERGE": False})
+    case = make_case([3, 1], [2, 1], [1, 16, 30, 3], device=device, group=4)
+    for splits in ((None, 1), (2, 1), (2, 2)):
+        run_and_check(case, num_splits=splits[0], suffix_splits=splits[1])
+
+
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 def test_head_dims(device, head_dim):
     case = make_case([3, 2], [2, 1], [1, 16, 7, 20, 33], device=device, dtype=torch.float16, group=4,
