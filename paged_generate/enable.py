@@ -11,6 +11,7 @@ from .errors import UnsupportedModelError
 from .patches import generate as generate_patch
 from .patches.attention_impl import implementation_of, paged_name_for, switch_attention
 from .patches.model_checks import family_eager, keeps_recurrent_state, uses_attention_registry
+from .quantize import kv_cache_dtype_problem
 from .stats import CacheStats
 
 __all__ = ["cache_stats", "disable_paged_cache", "enable_paged_cache", "is_paged_cache_enabled"]
@@ -31,6 +32,7 @@ def enable_paged_cache(
     max_blocks: int | None = None,
     max_cache_bytes: int | None = None,
     backend: str = "auto",
+    kv_cache_dtype: str = "auto",
 ) -> torch.nn.Module:
     """Make every later `model.generate(...)` keep its KV cache in shared, copy-on-write blocks.
 
@@ -42,6 +44,9 @@ def enable_paged_cache(
     max_cache_bytes : the same cap in bytes of K/V over all layers (converted with the model's dtype).
     backend : "auto" (Triton kernels for CUDA layers, PyTorch elsewhere), "triton" or "torch" to force one. The
         environment variable PAGED_GENERATE_BACKEND overrides "auto".
+    kv_cache_dtype : "auto" (K/V in the model's dtype: token-identical to stock), "int8" or "fp8" (float8 e4m3): full
+        blocks stored compressed with a scale per block and KV head, partial blocks in the model's dtype; lossy, see
+        the README's compression section. `max_cache_bytes` is still converted with the model's dtype.
 
     Returns the model, enabled. Enabling an enabled model updates its settings. A cache passed explicitly to
     `generate` is used as is; `use_cache=False` and `cache_implementation="static"` etc. keep stock behaviour.
@@ -54,7 +59,7 @@ def enable_paged_cache(
     0.78
     """
     _check_settings(block_size, max_blocks, max_cache_bytes)
-    problem = backend_problem(backend, block_size)
+    problem = backend_problem(backend, block_size) or kv_cache_dtype_problem(kv_cache_dtype)
     if problem:
         raise ValueError(f"enable_paged_cache: {problem}.")
     _check_supported(model)
@@ -70,6 +75,7 @@ def enable_paged_cache(
         block_size=block_size,
         max_blocks=max_blocks,
         backend=backend,
+        kv_cache_dtype=kv_cache_dtype,
         original_attn_implementation=(
             previous.original_attn_implementation if previous else implementation_of(model.config)
         ),

@@ -4,9 +4,13 @@ A layer hands attention either ordinary K/V (no paged cache, or rows read in pla
 straight to stock's function, or its pools with a `PagedRead`. Then, in this order:
 
 1. what only stock's function reproduces (`needs_stock_attention`): stock's function on every row's K/V;
-2. a CUDA layer the Triton kernels can serve: the kernels, shared-prefix or plain;
+2. a CUDA layer the Triton kernels can serve: the kernels, shared-prefix or plain (compressed pools are dequantized in
+   registers);
 3. a decode step whose rows share a prefix: the PyTorch shared-prefix split;
 4. otherwise stock's function on every row's K/V (views of the pools, or gathered).
+
+The PyTorch paths read compressed pools (`read.quantized`) through `CompressedRead.dequantized()`: the step's blocks
+in the model's dtype, each distinct full block dequantized once per layer and step (a group's shared prefix once).
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ def paged_attention(
         if read.use_triton and _kernel_can_serve(attention_mask, dropout, kwargs):
             return _triton_forward(query, read, attention_mask, _scale(module, query, scaling), kwargs), None
         if _can_split_shared_prefix(step, dropout, kwargs):
-            return _shared_prefix_forward(module, query, read, attention_mask, scaling), None
+            dense = read.dequantized() if read.quantized else read
+            return _shared_prefix_forward(module, query, dense, attention_mask, scaling), None
     key, value = read.rows()
     return stock_attention_on_rows(implementation, module, query, key, value, attention_mask, dropout=dropout,
                                    scaling=scaling, **kwargs)
@@ -82,10 +87,11 @@ def _triton_forward(query, read: PagedRead, attention_mask, scale: float, kwargs
     )
     if step.shares_prefix:
         return kernels.launch_shared_prefix_paged_attention(
-            query, read.keys, read.values, seq_lens=device_step.seq_lens, **device_step.shared.kernel_args, **features
+            query, read.keys, read.values, seq_lens=device_step.seq_lens, **device_step.shared.kernel_args, **features,
+            **read.storage_args,
         )
     return kernels.launch_paged_attention(query, read.keys, read.values, device_step.block_tables, device_step.seq_lens,
-                                   **features)
+                                          **features, **read.storage_args)
 
 
 def _scale(module, query, scaling) -> float:

@@ -4,6 +4,8 @@ PyTorch path. (No kernel code here, so reading these decides nothing about how k
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Compressed caches: full blocks in these, dequantized in registers to the query's dtype (one of the above).
+QUANTIZED_DTYPES = (torch.int8,) + ((torch.float8_e4m3fn,) if hasattr(torch, "float8_e4m3fn") else ())
 MAX_HEAD_DIM = 256
 MIN_BLOCK_SIZE = 8
 MAX_BLOCK_SIZE = 256

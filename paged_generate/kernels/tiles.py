@@ -1,5 +1,8 @@
 """The inner loop every paged attention kernel shares: online softmax over key tiles read through a block table.
 
+With QUANTIZED, the blocks hold int8 / fp8 K/V with one fp32 scale per (block, kv head): each tile is dequantized in
+registers (q * scale, rounded to the query's dtype, as `kernels.quantized_reference` does), never written back.
+
 Kernel modules do not use ``from __future__ import annotations``: Triton reads constexpr parameters from their
 annotations, which must be the real ``tl.constexpr`` objects.
 """
@@ -32,6 +35,10 @@ def attend_tiles(
     scale,
     softcap,
     sliding_window,
+    key_scales_ptr,  # [num_blocks, num_kv_heads] fp32 (QUANTIZED only)
+    value_scales_ptr,
+    stride_s_block,
+    kv_head,  # this program's kv head: the column of the scales
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -40,6 +47,7 @@ def attend_tiles(
     USE_SOFTCAP: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANTIZED: tl.constexpr,
 ):
     """Online-softmax attention of the query tile over key tiles read through one block table."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -56,13 +64,29 @@ def attend_tiles(
             # table_pos is block aligned, so the tile lies inside one block.
             block_id = tl.load(table_ptr + (tile * TILE_N - table_pos) // BLOCK_SIZE).to(tl.int64)
             slot_offsets = block_id * stride_c_block + (local % BLOCK_SIZE).to(tl.int64) * stride_c_slot
+            if QUANTIZED:
+                k_scale = tl.load(key_scales_ptr + block_id * stride_s_block + kv_head)
+                v_scale = tl.load(value_scales_ptr + block_id * stride_s_block + kv_head)
         else:
             block_ids = tl.load(table_ptr + local // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
             slot_offsets = block_ids * stride_c_block + (local % BLOCK_SIZE).to(tl.int64) * stride_c_slot
+            if QUANTIZED:
+                scale_offsets = block_ids * stride_s_block + kv_head
+                k_scale = tl.load(key_scales_ptr + scale_offsets, mask=kv_valid, other=0.0)[:, None]
+                v_scale = tl.load(value_scales_ptr + scale_offsets, mask=kv_valid, other=0.0)[:, None]
         kv_offsets = slot_offsets[:, None] + head_offset + offs_d[None, :]
         kv_mask = kv_valid[:, None] & d_valid[None, :]
         k = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [TILE_N, HEAD_DIM_PAD]
         v = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        if QUANTIZED:
+            k = k.to(tl.float32) * k_scale
+            v = v.to(tl.float32) * v_scale
+            if EMULATE_BF16:  # q is fp32 holding bf16 values: round as the GPU's cast to bf16 does
+                k = round_to_bf16(k)
+                v = round_to_bf16(v)
+            else:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
         if EMULATE_BF16:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
         else:
