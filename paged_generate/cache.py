@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .backend import uses_triton
 from .blocks import BlockAllocator, BlockTables, PartialBlocks, cdiv
 from .compressed import CompressedPools
-from .kernels import kernels_serve
+from .kernels import kernels_load, kernels_serve
 from .kv_ops import copy_blocks, grown, tokens_major, write_kv
 from .layout import gather_rows
 from .patches.attention_impl import implementation_of, runs_paged_attention
@@ -186,12 +186,12 @@ class CompressedLayer(PagedLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _, num_kv_heads, _, head_dim = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
+        self.storage = CompressedPools(self.cache.kv_cache_dtype, key_states, value_states, self.cache.block_size)
         self.use_triton = uses_triton(self.cache.backend, self.device, self.cache.block_size) and kernels_serve(
             dtype=self.dtype, head_dim=head_dim, value_head_dim=value_states.shape[-1],
-            block_size=self.cache.block_size)
+            block_size=self.cache.block_size) and kernels_load(self.storage.keys.dtype, self.device)
         # Stock's figure, in the model's dtype: what `dense_kv_bytes` counts.
         self.bytes_per_token = num_kv_heads * (head_dim + value_states.shape[-1]) * key_states.element_size()
-        self.storage = CompressedPools(self.cache.kv_cache_dtype, key_states, value_states, self.cache.block_size)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

@@ -15,3 +15,13 @@ def kernels_serve(*, dtype: torch.dtype, head_dim: int, value_head_dim: int, blo
     """Whether the kernels can read and write pools of this kind (else the PyTorch path serves them exactly)."""
     return (dtype in SUPPORTED_DTYPES and 1 <= head_dim <= MAX_HEAD_DIM and value_head_dim == head_dim
             and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and not block_size & (block_size - 1))
+
+
+def kernels_load(storage_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the kernels can read compressed blocks of `storage_dtype` on `device` (else the PyTorch path serves
+    them): Triton converts float8 e4m3 only from sm_89 (Ada, Hopper) on."""
+    if storage_dtype not in QUANTIZED_DTYPES:
+        return False
+    if storage_dtype == torch.int8 or device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
