@@ -32,14 +32,17 @@ OPERATIONS = {"count": 0}
 
 
 class PagedCacheMachine(RuleBasedStateMachine):
+    KV_CACHE_DTYPES = ["auto"]
+
     @initialize(
         block_size=st.sampled_from([1, 2, 4]),
         max_blocks=st.one_of(st.none(), st.integers(4, 40)),
         rows=st.integers(1, 4),
         expected_seq_len=st.one_of(st.none(), st.integers(1, 24)),
-        kv_cache_dtype=st.sampled_from(["auto", "int8", "fp8"]),
+        data=st.data(),
     )
-    def start(self, block_size, max_blocks, rows, expected_seq_len, kv_cache_dtype):
+    def start(self, block_size, max_blocks, rows, expected_seq_len, data):
+        kv_cache_dtype = data.draw(st.sampled_from(self.KV_CACHE_DTYPES))
         self.cache = PagedCache(num_layers=NUM_LAYERS, block_size=block_size, max_blocks=max_blocks,
                                 kv_cache_dtype=kv_cache_dtype)
         self.kv_cache_dtype = kv_cache_dtype
@@ -204,7 +207,14 @@ class PagedCacheMachine(RuleBasedStateMachine):
             assert self.cache.allocator.num_used == 0
 
 
+class CompressedPagedCacheMachine(PagedCacheMachine):
+    """The same operations on a cache storing full blocks compressed."""
+
+    KV_CACHE_DTYPES = ["int8", "fp8"]
+
+
 TestPagedCache = PagedCacheMachine.TestCase
+TestCompressedPagedCache = CompressedPagedCacheMachine.TestCase
 
 
 def test_report_operation_count():
