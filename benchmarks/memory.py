@@ -302,9 +302,10 @@ def checks(rows: list[dict], failures: list[dict], dtype: str = "float32") -> li
         if dtype == "float32" and auto is not None and int8 is not None:
             share = int8["paged_kv_bytes"] / auto["paged_kv_bytes"]
             ok = share <= FP32_INT8_MAX_SHARE
+            less = auto["paged_kv_bytes"] / int8["paged_kv_bytes"]
             results.append((ok, f"{'PASS' if ok else 'FAIL'} int8 blocks hold {share:.1%} of the paged fp32 KV at "
-                                f"{CHECK_SHAPE}, {mode} width {CHECK_WIDTH} ({auto['paged_kv_bytes'] / int8['paged_kv_bytes']:.2f}x "
-                                f"less; <= {FP32_INT8_MAX_SHARE:.0%})"))
+                                f"{CHECK_SHAPE}, {mode} width {CHECK_WIDTH} ({less:.2f}x less; "
+                                f"<= {FP32_INT8_MAX_SHARE:.0%})"))
     for row in rows:
         where = f"{row['shape']} {row['mode']} width {row['width']}"
         if not row["same_tokens"] and row["kv_cache_dtype"] == "auto":

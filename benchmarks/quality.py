@@ -382,8 +382,8 @@ def main(argv=None) -> int:
     print(text)
     import transformers
 
-    print(f"\ntransformers {transformers.__version__} QuantizedLayer.reorder_cache with a quantizer that changes nothing "
-          f"(200 tokens, residual 128): quantized rows {'moved' if logic['reordered'] else '**NOT moved**'}")
+    print(f"\ntransformers {transformers.__version__} QuantizedLayer.reorder_cache with a quantizer that changes "
+          f"nothing (200 tokens, residual 128): quantized rows {'moved' if logic['reordered'] else '**NOT moved**'}")
     results = []
     auto = next(row for row in rows if row["kind"] == "paged-auto")
     same = torch.equal(runs["paged-auto"]["nll"], full["nll"]) and auto["beam_equal"] == auto["sample_equal"] == 1.0
@@ -406,7 +406,8 @@ def main(argv=None) -> int:
         "heldout_tokens": len(tokens), "windows": len(windows), "prompts": len(prompts),
         "settings": dict(window=WINDOW, prompt_chunk=PROMPT_CHUNK, prompt_tokens=PROMPT_TOKENS, gen_prompt=GEN_PROMPT,
                          gen_new=GEN_NEW, width=WIDTH, seed=SEED, block_size=16),
-        "rows": rows, "table_markdown": text, "quantized_layer_reorder": logic, "checks": [dict(passed=ok, line=line) for ok, line in results],
+        "rows": rows, "table_markdown": text, "quantized_layer_reorder": logic,
+        "checks": [dict(passed=ok, line=line) for ok, line in results],
     })
     print(f"wrote {args.out}")
     return 1 if any(ok is False for ok, _ in results) else 0
