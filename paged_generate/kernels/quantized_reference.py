@@ -2,8 +2,9 @@
 
 A compressed cache holds full blocks as int8 / fp8 with one fp32 scale per (block, kv head), and each row's partially
 filled last block in a side pool in the query's dtype, at ``partial_slots[row]``. Dequantizing is ``q * scale``
-computed in fp32 and rounded to the query's dtype: what the kernels do in registers, and what the cache's PyTorch
-path does (``paged_generate.quantize``; kernels import nothing of the package, so it is restated here).
+computed in fp32 and rounded to the query's dtype, as the cache's PyTorch path does (``paged_generate.quantize``;
+kernels import nothing of the package, so it is restated here). The kernels compute the same products in another
+order (the scales multiply the scores and the probabilities, see ``tiles.py``): they differ by rounding only.
 """
 
 from __future__ import annotations
