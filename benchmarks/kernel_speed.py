@@ -1,7 +1,7 @@
 """GPU micro-benchmarks of the Triton attention kernels (CUDA only).
 
     python benchmarks/kernel_speed.py [--check] [--peak-bw BYTES_PER_S] [--reps 50] [--quick] [--budget-s S]
-                                      [--out benchmarks/results/kernel_speed.json]
+                                      [--kv-cache-dtype int8|fp8] [--out benchmarks/results/kernel_speed.json]
 
 1. Decode: `paged_attention` for 1/4/16/64 rows x 512/2k/8k/32k tokens per row (GQA 32 q-heads / 8 kv-heads,
    head_dim 128, bf16, block_size 16, randperm block tables). Reports the achieved bandwidth (bytes of K/V read /
@@ -16,6 +16,9 @@
 3. Shared-prefix threshold: 8/16/32/64 rows sharing a 128-token to 32k-token prompt (powers of two), shared-prefix vs
    plain: the prompt length from which shared-prefix attention pays (speedup >= 1 there and at every longer prompt),
    per row count, and their maximum, `shared_prefix_min_prompt`: below it the dispatch should take the plain kernel.
+4. With `--kv-cache-dtype int8` (or fp8): decode on compressed blocks (1-64 rows x 8k/32k tokens, every full block
+   int8 / fp8 with a scale per block and kv head, dequantized in registers) vs the same rows in bf16 blocks. Reads
+   about half the bytes; goal >= 1.6x faster than bf16 for rows of 8k+ tokens.
 
 Times are GPU times: CUDA events around one call, median of `--reps` (after warmup), with L2 flushed before each rep
 (so K/V comes from HBM) and the GPU kept busy while the host enqueues the call (so Python and launch overheads are
@@ -52,7 +55,9 @@ QUICK = dict(decode_rows=(1, 16, 64), decode_tokens=(2048, 32768), shared_rows=(
              threshold_rows=(8, 32, 64), threshold_prompts=(128, 512, 2048, 8192, 32768))
 MEMORY_FRACTION = 0.6  # of the free GPU memory a shape may use
 LONG_ROW_TOKENS = 8192  # "long rows" for the bandwidth goal
-GOALS = {"decode_peak_fraction": 0.8, "decode_vs_sdpa": 1.0, "shared_speedup": 4.0}
+GOALS = {"decode_peak_fraction": 0.8, "decode_vs_sdpa": 1.0, "shared_speedup": 4.0, "compressed_vs_bf16": 1.6}
+COMPRESSED_ROWS, COMPRESSED_TOKENS = (1, 4, 16, 64), (8192, 32768)
+QUANTIZE_CHUNK_BLOCKS = 4096  # blocks quantized at once when building a compressed pool (bounds the fp32 temporary)
 # Peak HBM bandwidth by device name, bytes/s: the first entry whose words all appear in the name wins.
 PEAK_HBM_BW = (
     (("H200",), 4.8e12),
@@ -141,6 +146,34 @@ def shared_case(rows: int, prompt: int, own: int, device) -> dict:
                 full_tables=full_tables, **grouping)  # fmt: skip
 
 
+def compressed_case(case: dict, kv_cache_dtype: str, tables_key: str = "block_tables") -> dict:
+    """`case` with its pools stored as a compressing PagedCache stores them: every block int8 / fp8 with a scale per
+    (block, kv head) (`paged_generate.quantize`), and each row's partial last block, if any, also in bf16 in a side
+    pool at `partial_slots[row]` (the kernels read it from there)."""
+    from paged_generate.quantize import quantize_blocks
+
+    out = dict(case)
+    for name in ("key", "value"):
+        pool = case[f"{name}_cache"]
+        parts = [quantize_blocks(chunk, kv_cache_dtype) for chunk in pool.split(QUANTIZE_CHUNK_BLOCKS)]
+        out[f"{name}_cache"] = torch.cat([q for q, _ in parts])
+        out[f"{name}_scales"] = torch.cat([scales for _, scales in parts])
+    tables, seq_lens = case[tables_key], case["seq_lens"].tolist()
+    partial_rows = [row for row, length in enumerate(seq_lens) if length % BLOCK_SIZE]
+    last = [int(tables[row, seq_lens[row] // BLOCK_SIZE]) for row in partial_rows] or [0]
+    slots = torch.full((len(seq_lens),), -1, dtype=torch.int32)
+    slots[partial_rows] = torch.arange(len(partial_rows), dtype=torch.int32)
+    for name in ("key", "value"):
+        out[f"partial_{name}_cache"] = case[f"{name}_cache"][torch.tensor(last)].clone()
+    out["partial_slots"] = slots.to(case["seq_lens"].device)
+    return out
+
+
+def compressed_args(case: dict) -> dict:
+    return {k: case[k] for k in ("key_scales", "value_scales", "partial_key_cache", "partial_value_cache",
+                                 "partial_slots")}
+
+
 # --- the calls being timed -----------------------------------------------------------------------------------------
 SCALE = HEAD_DIM**-0.5
 
@@ -202,6 +235,32 @@ def check_kernels(device) -> dict:
     errors["paged_attention full tables"] = assert_matches("paged_attention (full tables)",
                                                            run_paged(shared, "full_tables"), reference,
                                                            shared["query"])  # fmt: skip
+    return errors
+
+
+def check_compressed(device, kv_cache_dtype: str) -> dict:
+    """The check of `check_kernels` on compressed blocks (ragged lengths: rows with and without a partial block),
+    against the references reading the same storage (dequantize, then attend)."""
+    case = decode_case(4, 160, device)
+    case["seq_lens"] = torch.tensor([160, 1, 17, 100], dtype=torch.int32, device=device)
+    case = compressed_case(case, kv_cache_dtype)
+    quantized, errors = compressed_args(case), {}
+    for splits in (1, 4):
+        reference = lambda q: kernels.paged_attention_reference(  # noqa: E731
+            q, case["key_cache"], case["value_cache"], case["block_tables"], case["seq_lens"], scale=SCALE,
+            **quantized)
+        errors[f"paged_attention {kv_cache_dtype} splits={splits}"] = assert_matches(
+            "paged_attention (compressed)", run_paged(case, num_splits=splits, **quantized), reference, case["query"])
+    shared = shared_case(6, 64, 40, device)
+    shared["seq_lens"] = torch.tensor([104, 65, 72, 64, 80, 97], dtype=torch.int32, device=device)
+    shared = compressed_case(shared, kv_cache_dtype, tables_key="full_tables")
+    quantized = compressed_args(shared)
+    grouping = {k: shared[k] for k in ("row_group", "prefix_tables", "prefix_len", "suffix_tables", "seq_lens")}
+    reference = lambda q: kernels.shared_prefix_paged_attention_reference(  # noqa: E731
+        q, shared["key_cache"], shared["value_cache"], **grouping, scale=SCALE, **quantized)
+    errors[f"shared_prefix {kv_cache_dtype}"] = assert_matches("shared_prefix_paged_attention (compressed)",
+                                                               run_shared(shared, **quantized), reference,
+                                                               shared["query"])  # fmt: skip
     return errors
 
 
@@ -269,6 +328,23 @@ def bench_shared(rows: int, prompt: int, peak: float | None, reps: int, device="
                 logical_peak_fraction=bandwidth / peak if peak else None)  # fmt: skip
 
 
+def bench_compressed(rows: int, tokens: int, kv_cache_dtype: str, peak: float | None, reps: int,
+                     device="cuda") -> dict | None:
+    bf16 = kv_bytes(rows, tokens)
+    read = bf16 // 2 + 2 * rows * cdiv(tokens, BLOCK_SIZE) * NUM_KV_HEADS * 4  # 1-byte K/V and fp32 scales
+    if not fits(bf16 + read + (512 << 20), device):  # both pools, the L2 flush buffer, slack
+        return None
+    case = decode_case(rows, tokens, device)
+    bf16_s = timer(device)(lambda: run_paged(case), reps)
+    compressed = compressed_case(case, kv_cache_dtype)
+    quantized = compressed_args(compressed)
+    compressed_s = timer(device)(lambda: run_paged(compressed, **quantized), reps)
+    bandwidth = read / compressed_s
+    return dict(rows=rows, tokens=tokens, kv_cache_dtype=kv_cache_dtype, kv_bytes=read, bf16_s=bf16_s,
+                compressed_s=compressed_s, speedup=bf16_s / compressed_s, bandwidth=bandwidth,
+                peak_fraction=bandwidth / peak if peak else None)  # fmt: skip
+
+
 def run_all(bench, grid, peak, reps, device="cuda", deadline: float | None = None, **options) -> list[dict]:
     results = []
     for args in grid:
@@ -327,14 +403,29 @@ def shared_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def goals(decode: list[dict], shared: list[dict]) -> dict:
+def compressed_table(results: list[dict]) -> str:
+    lines = ["| rows | tokens/row | storage | KV read | bf16 µs | compressed µs | bf16 / compressed | GB/s | of peak |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in results:
+        lines.append(f"| {r['rows']} | {r['tokens']} | {r['kv_cache_dtype']} | {r['kv_bytes'] / 2**20:.0f} MiB | "
+                     f"{r['bf16_s'] * 1e6:.1f} | {r['compressed_s'] * 1e6:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['bandwidth'] / 1e9:.0f} | {percent(r['peak_fraction'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def goals(decode: list[dict], shared: list[dict], compressed: list[dict] | None = None) -> dict:
     long_rows = [r for r in decode if r["tokens"] >= LONG_ROW_TOKENS]
     fractions = [r["peak_fraction"] for r in long_rows if r["peak_fraction"] is not None]
-    return {
+    summary = {
         "decode: min fraction of peak, rows >= 8k tokens (goal >= 80%)": min(fractions) if fractions else None,
         "decode: min SDPA / paged (goal >= 1.0x)": min((r["vs_sdpa"] for r in decode), default=None),
         "shared prefix: min paged / shared (goal >= 4x)": min((r["speedup"] for r in shared), default=None),
     }
+    if compressed is not None:
+        long_rows = [r["speedup"] for r in compressed if r["tokens"] >= LONG_ROW_TOKENS]
+        summary["compressed decode: min bf16 / compressed, rows >= 8k tokens (goal >= 1.6x)"] = min(
+            long_rows, default=None)
+    return summary
 
 
 def main(argv=None) -> int:
@@ -344,6 +435,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=50, help="timed runs per measurement (median; >= 20)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (scripts/gpu_check.py)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new shape after this many seconds")
+    parser.add_argument("--kv-cache-dtype", choices=("int8", "fp8"), default=None,
+                        help="also time decode on compressed blocks against bf16 blocks")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
@@ -367,6 +460,8 @@ def main(argv=None) -> int:
     check = None
     if args.check:
         check = check_kernels("cuda")
+        if args.kv_cache_dtype:
+            check.update(check_compressed("cuda", args.kv_cache_dtype))
         print("--check passed: " + ", ".join(f"{k}: max error {v:.2g}" for k, v in check.items()) + "\n")
 
     grid = QUICK if args.quick else dict(decode_rows=DECODE_ROWS, decode_tokens=DECODE_TOKENS, shared_rows=SHARED_ROWS,
@@ -384,7 +479,12 @@ def main(argv=None) -> int:
     print("## Shared-prefix threshold\n\n" + shared_table(sweep) + "\n")
     print(f"shared prefix pays from (prompt tokens, per rows): {threshold['per_rows']}; "
           f"dispatch threshold: {threshold['shared_prefix_min_prompt']}\n")
-    summary = goals(decode, shared)
+    compressed = None
+    if args.kv_cache_dtype:
+        grid = [(r, t, args.kv_cache_dtype) for t in COMPRESSED_TOKENS for r in COMPRESSED_ROWS]
+        compressed = run_all(bench_compressed, grid, peak, args.reps, deadline=deadline)
+        print(f"## Decode on {args.kv_cache_dtype} blocks vs bf16 blocks\n\n" + compressed_table(compressed) + "\n")
+    summary = goals(decode, shared, compressed)
     for name, value in summary.items():
         print(f"- {name}: {'n/a' if value is None else f'{value:.0%}' if 'peak' in name else f'{value:.2f}x'}")
 
@@ -394,8 +494,8 @@ def main(argv=None) -> int:
         "device": device_name, "peak_bandwidth": peak, "torch": torch.__version__, "triton": triton.__version__,
         "shape": dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE,
                       dtype=str(DTYPE)),
-        "reps": args.reps, "check": check, "decode": decode, "shared_prefix": shared, "goals": summary,
-        "threshold_sweep": sweep, "threshold": threshold,
+        "reps": args.reps, "check": check, "decode": decode, "shared_prefix": shared, "compressed": compressed,
+        "goals": summary, "threshold_sweep": sweep, "threshold": threshold,
     })  # fmt: skip
     print(f"\nwrote {out}")
     return 0

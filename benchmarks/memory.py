@@ -1,17 +1,21 @@
 """KV-cache and process memory of stock vs paged `generate()`: beam search and sampling at several widths.
 
-For each prompt/new-token shape, mode (beam, sample) and width, one configuration runs twice, stock and paged, each
-in a fresh process (so peak RSS belongs to that run alone). Printed as a markdown table and written as JSON.
+For each prompt/new-token shape, mode (beam, sample) and width, one configuration runs stock and then paged once per
+`--kv-cache-dtypes` entry, each in a fresh process (so peak RSS belongs to that run alone). Printed as a markdown
+table and written as JSON.
 
     python benchmarks/memory.py [--shapes 1024/128,19/58,161/338] [--widths 2,4,6,8] [--modes beam,sample]
+                                [--kv-cache-dtypes auto,int8,fp8] [--dtype float32|bfloat16]
                                 [--out benchmarks/results/memory.json] [--device cpu] [--threads 1]
 
-Model: a 4-layer GQA Llama (hidden 256, 8 query heads, 2 KV heads) with random weights, fp32. 19/58 and 161/338 are
-the average Alpaca and ShareGPT lengths used in the PagedAttention paper.
+Model: a 4-layer GQA Llama (hidden 256, 8 query heads, 2 KV heads) with random weights, fp32 unless `--dtype`. 19/58
+and 161/338 are the average Alpaca and ShareGPT lengths used in the PagedAttention paper.
 
-Ends with a check: at 1024/128, width 8, the KV saving of beam search and of sampling must be >= 75%. Exits non-zero
-when that check fails, when paged tokens differ from stock, or when the stock KV measured in the stock run disagrees
-with the plugin's `dense_kv_bytes`.
+Ends with checks at 1024/128, width 8: the KV saving of beam search and of sampling must be >= 75% with "auto"; with
+int8 / fp8 blocks in bf16, >= 90% (beams) and >= 88% (samples); in fp32, int8 must hold at most a third of what
+"auto" holds. Exits non-zero when a check fails, when "auto" tokens differ from stock (int8 / fp8 are lossy: their
+share of tokens equal to stock is reported), or when the stock KV measured in the stock run disagrees with the
+plugin's `dense_kv_bytes`.
 """
 
 from __future__ import annotations
@@ -34,15 +38,22 @@ from bench_utils import write_json
 DEFAULT_OUT = bench_utils.RESULTS_DIR / "memory.json"
 SHAPE_NAMES = {"1024/128": "long prompt", "19/58": "Alpaca", "161/338": "ShareGPT"}
 CHECK_SHAPE, CHECK_WIDTH, CHECK_MIN_SAVING = "1024/128", 8, 0.75
+# Compressed blocks in bf16: the saving against stock at CHECK_SHAPE / CHECK_WIDTH, per mode.
+COMPRESSED_MIN_SAVING = {"beam": 0.90, "sample": 0.88}
+FP32_INT8_MAX_SHARE = 1 / 3  # int8 blocks in fp32: at most this share of the "auto" paged KV (~4x less)
+DTYPES = ("float32", "bfloat16", "float16")
 MODEL_SEED, PROMPT_SEED, GENERATE_SEED = 0, 1, 2
 RESULT_MARK = "MEMORY_RESULT "  # prefixes the child's JSON line, so stray prints cannot be mistaken for it
 MIB = 2**20
 
 
 # --- child: one (shape, mode, width, stock|paged) run in a fresh process ------------------------------------------
-def build_model(device: str):
+def build_model(device: str, dtype: str = "float32"):
     """The benchmark model; the same weights in every process thanks to the fixed seed."""
-    return bench_utils.build_model("4-layer", seed=MODEL_SEED, head_scale=8, max_positions=2048, device=device)
+    import torch
+
+    return bench_utils.build_model("4-layer", seed=MODEL_SEED, head_scale=8, max_positions=2048, device=device,
+                                   dtype=getattr(torch, dtype))
 
 
 def make_prompt(prompt_len: int, vocab_size: int, device: str):
@@ -124,8 +135,9 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def run_single(spec: str, device: str, threads: int) -> dict:
-    """`--single SHAPE,MODE,WIDTH,RUN` (e.g. 1024/128,beam,8,paged): one generate() call, its memory figures."""
+def run_single(spec: str, device: str, threads: int, dtype: str = "float32") -> dict:
+    """`--single SHAPE,MODE,WIDTH,RUN` (e.g. 1024/128,beam,8,paged; RUN paged-int8 / paged-fp8 for compressed
+    blocks): one generate() call, its memory figures."""
     import torch
     import transformers
 
@@ -138,12 +150,12 @@ def run_single(spec: str, device: str, threads: int) -> dict:
     shape, mode, width, run = spec.split(",")
     prompt_len, new_tokens, width = *parse_shape(shape), int(width)
     probe = MemoryProbe(device)
-    model = build_model(device)
+    model = build_model(device, dtype)
     prompt = make_prompt(prompt_len, model.config.vocab_size, device)
-    if run == "paged":
-        enable_paged_cache(model)
+    if run.startswith("paged"):
+        enable_paged_cache(model, kv_cache_dtype=run.partition("-")[2] or "auto")
     elif run != "stock":
-        raise ValueError(f"unknown run {run!r}; expected stock or paged")
+        raise ValueError(f"unknown run {run!r}; expected stock, paged, paged-int8 or paged-fp8")
     # Baseline after the model and prompt exist: peak minus baseline is what generate() itself added.
     base = probe.baseline()
 
@@ -158,6 +170,7 @@ def run_single(spec: str, device: str, threads: int) -> dict:
         shape=shape, mode=mode, width=width, run=run, seconds=seconds, mem_kind=probe.kind, mem_base_bytes=base,
         mem_peak_bytes=peak, tokens_hash=tokens_hash(output.sequences), out_rows=int(output.sequences.shape[0]),
         out_len=int(output.sequences.shape[1]), torch=torch.__version__, transformers=transformers.__version__,
+        tokens=output.sequences.detach().cpu().tolist(),
         device_name=torch.cuda.get_device_name() if probe.cuda else cpu_name(),
         threads=torch.get_num_threads(),
     )
@@ -174,7 +187,7 @@ def parse_shape(shape: str) -> tuple[int, int]:
 def run_child(shape: str, mode: str, width: int, run: str, args: argparse.Namespace) -> dict:
     """Run one configuration in a fresh interpreter and return the JSON line it printed."""
     command = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--threads", str(args.threads),
-               "--single", f"{shape},{mode},{width},{run}"]
+               "--dtype", args.dtype, "--single", f"{shape},{mode},{width},{run}"]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if done.returncode != 0 or not lines:
@@ -187,12 +200,15 @@ def run_child(shape: str, mode: str, width: int, run: str, args: argparse.Namesp
 def combine(stock: dict, paged: dict) -> dict:
     """One table row from a stock and a paged run of the same configuration."""
     stats = paged["stats"]
+    same_tokens = [a == b for a, b in zip(sum(stock["tokens"], []), sum(paged["tokens"], []))]
     stock_kv_bytes, paged_kv_bytes = stock["kv_bytes"], stats["peak_kv_bytes"]
     # One token position over all rows and layers: the tolerance between the measured stock cache and the plugin's
     # `dense_kv_bytes` (rows x longest length x bytes per token), which count the same tensors.
     token_bytes = stock_kv_bytes // max(stock["kv_seq_len"], 1)
     return dict(
         shape=stock["shape"], shape_name=SHAPE_NAMES.get(stock["shape"], ""), mode=stock["mode"], width=stock["width"],
+        kv_cache_dtype=stats.get("kv_cache_dtype", "auto"),
+        tokens_equal_share=sum(same_tokens) / max(len(same_tokens), 1),
         stock_kv_bytes=stock_kv_bytes, stock_kv_rows=stock["kv_rows"], stock_kv_seq_len=stock["kv_seq_len"],
         dense_kv_bytes=stats["dense_kv_bytes"], dense_agrees=abs(stock_kv_bytes - stats["dense_kv_bytes"]) <= token_bytes,
         paged_kv_bytes=paged_kv_bytes, paged_pool_bytes=stats["pool_bytes"],
@@ -216,14 +232,23 @@ def run_grid(args) -> tuple[list[dict], list[dict], dict | None]:
             for width in args.widths:
                 try:
                     stock = run_child(shape, mode, width, "stock", args)
-                    paged = run_child(shape, mode, width, "paged", args)
                 except RuntimeError as error:
                     failures.append(dict(shape=shape, mode=mode, width=width, error=str(error)))
-                    print(f"  FAILED {shape} {mode} {width}:\n{error}", file=sys.stderr, flush=True)
+                    print(f"  FAILED {shape} {mode} {width} stock:\n{error}", file=sys.stderr, flush=True)
                     continue
                 first_child = first_child or stock
-                rows.append(combine(stock, paged))
-                print(f"  done {shape} {mode} {width}: saving {rows[-1]['kv_saving']:.1%}", file=sys.stderr, flush=True)
+                for kv_cache_dtype in args.kv_cache_dtypes:
+                    run = "paged" if kv_cache_dtype == "auto" else f"paged-{kv_cache_dtype}"
+                    try:
+                        paged = run_child(shape, mode, width, run, args)
+                    except RuntimeError as error:
+                        failures.append(dict(shape=shape, mode=mode, width=width, kv_cache_dtype=kv_cache_dtype,
+                                             error=str(error)))
+                        print(f"  FAILED {shape} {mode} {width} {run}:\n{error}", file=sys.stderr, flush=True)
+                        continue
+                    rows.append(combine(stock, paged))
+                    print(f"  done {shape} {mode} {width} {kv_cache_dtype}: saving {rows[-1]['kv_saving']:.1%}",
+                          file=sys.stderr, flush=True)
     return rows, failures, first_child
 
 
@@ -231,47 +256,67 @@ def run_grid(args) -> tuple[list[dict], list[dict], dict | None]:
 def markdown_table(rows: list[dict]) -> str:
     mem = "peak RSS" if rows and rows[0]["mem_kind"] == "ru_maxrss" else "peak CUDA alloc"
     header = [
-        "shape (prompt/new)", "mode", "width", "stock KV MiB", "paged KV MiB", "KV saving",
+        "shape (prompt/new)", "mode", "width", "KV dtype", "stock KV MiB", "paged KV MiB", "KV saving",
         f"stock {mem} MiB", f"paged {mem} MiB", "stock generate +MiB", "paged generate +MiB", "same tokens",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i > 1 else "---" for i in range(len(header))) + "|"]
     for row in rows:
         name = f"{row['shape']} {row['shape_name']}".strip()
+        same = "yes" if row["same_tokens"] else ("**NO**" if row["kv_cache_dtype"] == "auto" else
+                                                 f"{row['tokens_equal_share']:.0%} of tokens")
         cells = [
-            name, row["mode"], str(row["width"]),
+            name, row["mode"], str(row["width"]), row["kv_cache_dtype"],
             f"{row['stock_kv_bytes'] / MIB:.2f}", f"{row['paged_kv_bytes'] / MIB:.2f}", f"{row['kv_saving']:.1%}",
             f"{row['stock_mem_peak_bytes'] / MIB:.1f}", f"{row['paged_mem_peak_bytes'] / MIB:.1f}",
-            f"{row['stock_mem_gen_bytes'] / MIB:.1f}", f"{row['paged_mem_gen_bytes'] / MIB:.1f}",
-            "yes" if row["same_tokens"] else "**NO**",
+            f"{row['stock_mem_gen_bytes'] / MIB:.1f}", f"{row['paged_mem_gen_bytes'] / MIB:.1f}", same,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def checks(rows: list[dict], failures: list[dict]) -> list[tuple[bool | None, str]]:
+def checks(rows: list[dict], failures: list[dict], dtype: str = "float32") -> list[tuple[bool | None, str]]:
     """(passed, line) for each check; passed is None for a check the chosen grid does not cover."""
     results = []
     for failure in failures:
         last_line = failure["error"].strip().splitlines()[-1]
         results.append((False, f"FAIL run crashed at {failure['shape']} {failure['mode']} width {failure['width']}: {last_line}"))
+
+    def at_check(mode, kv_cache_dtype):
+        return next((r for r in rows if (r["shape"], r["mode"], r["width"], r["kv_cache_dtype"])
+                     == (CHECK_SHAPE, mode, CHECK_WIDTH, kv_cache_dtype)), None)
+
+    kv_dtypes = sorted({r["kv_cache_dtype"] for r in rows}) or ["auto"]
     for mode in ("beam", "sample"):
-        row = next((r for r in rows if (r["shape"], r["mode"], r["width"]) == (CHECK_SHAPE, mode, CHECK_WIDTH)), None)
-        what = f"KV saving at {CHECK_SHAPE}, {mode} width {CHECK_WIDTH}"
-        if row is None:
-            results.append((None, f"SKIP {what}: not in the grid"))
-        else:
-            ok = row["kv_saving"] >= CHECK_MIN_SAVING
-            results.append((ok, f"{'PASS' if ok else 'FAIL'} {what}: {row['kv_saving']:.1%} (>= {CHECK_MIN_SAVING:.0%})"))
+        for kv_cache_dtype in kv_dtypes:
+            minimum = CHECK_MIN_SAVING if kv_cache_dtype == "auto" else COMPRESSED_MIN_SAVING[mode]
+            if kv_cache_dtype != "auto" and dtype != "bfloat16":
+                continue  # the compressed goals are set in bf16
+            row = at_check(mode, kv_cache_dtype)
+            what = f"KV saving at {CHECK_SHAPE}, {mode} width {CHECK_WIDTH}, {kv_cache_dtype} blocks, {dtype}"
+            if row is None:
+                results.append((None, f"SKIP {what}: not in the grid"))
+            else:
+                ok = row["kv_saving"] >= minimum
+                results.append((ok, f"{'PASS' if ok else 'FAIL'} {what}: {row['kv_saving']:.1%} (>= {minimum:.0%})"))
+        auto, int8 = at_check(mode, "auto"), at_check(mode, "int8")
+        if dtype == "float32" and auto is not None and int8 is not None:
+            share = int8["paged_kv_bytes"] / auto["paged_kv_bytes"]
+            ok = share <= FP32_INT8_MAX_SHARE
+            less = auto["paged_kv_bytes"] / int8["paged_kv_bytes"]
+            results.append((ok, f"{'PASS' if ok else 'FAIL'} int8 blocks hold {share:.1%} of the paged fp32 KV at "
+                                f"{CHECK_SHAPE}, {mode} width {CHECK_WIDTH} ({less:.2f}x less; "
+                                f"<= {FP32_INT8_MAX_SHARE:.0%})"))
     for row in rows:
         where = f"{row['shape']} {row['mode']} width {row['width']}"
-        if not row["same_tokens"]:
+        if not row["same_tokens"] and row["kv_cache_dtype"] == "auto":
             results.append((False, f"FAIL paged tokens differ from stock at {where} "
                                    f"({row['paged_tokens_hash']} vs {row['stock_tokens_hash']})"))
         if not row["dense_agrees"]:
             results.append((False, f"FAIL measured stock KV {row['stock_kv_bytes']} B != dense_kv_bytes "
                                    f"{row['dense_kv_bytes']} B (beyond one token) at {where}"))
-    if rows and all(r["same_tokens"] for r in rows):
-        results.append((True, f"PASS paged tokens equal stock in all {len(rows)} configurations"))
+    exact = [r for r in rows if r["kv_cache_dtype"] == "auto"]
+    if exact and all(r["same_tokens"] for r in exact):
+        results.append((True, f"PASS paged tokens equal stock in all {len(exact)} configurations with auto"))
     if rows and all(r["dense_agrees"] for r in rows):
         results.append((True, "PASS measured stock KV matches cache_stats().dense_kv_bytes within one token everywhere"))
     return results
@@ -327,6 +372,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shapes", type=csv(str), default=["1024/128", "19/58", "161/338"], help="prompt/new tokens")
     parser.add_argument("--widths", type=csv(int), default=[2, 4, 6, 8], help="beams (beam) or samples (sample)")
     parser.add_argument("--modes", type=csv(str), default=["beam", "sample"], help="beam and/or sample")
+    parser.add_argument("--kv-cache-dtypes", type=csv(str), default=["auto"],
+                        help="paged runs per configuration: auto, int8, fp8 (enable_paged_cache's kv_cache_dtype)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's dtype (default float32)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (peak memory: torch.cuda.max_memory_allocated)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (0: torch's default)")
@@ -337,13 +385,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.modes) - {"beam", "sample"}
     if unknown:
         parser.error(f"unknown mode(s) {sorted(unknown)}; expected beam and/or sample")
+    unknown = set(args.kv_cache_dtypes) - {"auto", "int8", "fp8"}
+    if unknown:
+        parser.error(f"unknown kv cache dtype(s) {sorted(unknown)}; expected auto, int8 and/or fp8")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.single:
-        print(RESULT_MARK + json.dumps(run_single(args.single, args.device, args.threads)), flush=True)
+        print(RESULT_MARK + json.dumps(run_single(args.single, args.device, args.threads, args.dtype)), flush=True)
         return 0
 
     source, start = library_source(), time.perf_counter()  # before the grid: what the runs started on
@@ -351,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     changed = library_source()["library_digest"] != source["library_digest"]
     env = dict(environment(first_child, args.device, source), library_changed_during_run=changed)
-    table, results = markdown_table(rows), checks(rows, failures)
+    table, results = markdown_table(rows), checks(rows, failures, args.dtype)
     print(table)
     print(f"\n{len(rows) * 2} runs in {wall:.0f} s wall ({len(failures)} configuration(s) failed); "
           f"memory: {rows[0]['mem_kind'] if rows else '-'}")
@@ -363,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, dict(
         command=" ".join(shlex.quote(part) for part in [Path(sys.executable).name, *sys.argv]),
         environment=env,
-        settings=dict(shapes=args.shapes, modes=args.modes, widths=args.widths, model_seed=MODEL_SEED,
-                      prompt_seed=PROMPT_SEED, generate_seed=GENERATE_SEED, dtype="float32", threads=args.threads,
+        settings=dict(shapes=args.shapes, modes=args.modes, widths=args.widths, kv_cache_dtypes=args.kv_cache_dtypes,
+                      model_seed=MODEL_SEED, prompt_seed=PROMPT_SEED, generate_seed=GENERATE_SEED, dtype=args.dtype,
+                      threads=args.threads,
                       model="LlamaForCausalLM, 4 layers, hidden 256, 8 q-heads, 2 kv-heads, intermediate 512, vocab 1024"),
         wall_seconds=wall, rows=rows, failures=failures, table_markdown=table,
         checks=[dict(passed=ok, line=line) for ok, line in results],

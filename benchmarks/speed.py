@@ -1,6 +1,6 @@
 """End-to-end generate() time, stock transformers vs paged-generate, in one process with alternating runs.
 
-    python benchmarks/speed.py [--repeats 5] [--cases NAME,...] [--out benchmarks/results/speed.json]
+    python benchmarks/speed.py [--repeats 5] [--cases NAME,...] [--kv-cache-dtype auto|int8|fp8] [--out ...]
     python benchmarks/speed.py --sweep 4-layer|100M [--repeats 3] [--out benchmarks/results/speed_sweep_4-layer.json]
 
 Models (random weights, fp32, benchmarks/bench_utils.py): the 4-layer GQA Llama (hidden 256, 8 q-heads, 2 kv-heads)
@@ -11,6 +11,10 @@ on one model (128 new tokens on the 4-layer model, 64 on the 100M one).
 Each case runs `--repeats` rounds after one warm-up round; a round runs stock and paged back to back, in alternating
 order. Every round's paged tokens must equal stock's, or the script stops without reporting a time for wrong tokens.
 Prints a markdown table of median seconds and the ratio stock / paged, and writes JSON.
+
+`--kv-cache-dtype int8` / `fp8` times paged with compressed blocks, and paged with full-precision blocks ("auto") in
+the same rounds, for the ratio between them. Compressed blocks are lossy: their share of tokens equal to stock is
+reported instead of refusing a time (with "auto", paged must give stock's tokens).
 """
 
 from __future__ import annotations
@@ -54,28 +58,40 @@ def time_generate(model, input_ids, case) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-def run_case(model, case, repeats: int) -> dict:
+def run_case(model, case, repeats: int, kv_cache_dtype: str = "auto") -> dict:
     input_ids = torch.randint(3, model.config.vocab_size, (1, case["prompt_len"]),
                               generator=torch.Generator().manual_seed(1))
-    times = {"stock": [], "paged": []}
+    labels = ["stock", "paged"] + (["paged_auto"] if kv_cache_dtype != "auto" else [])
+    times = {label: [] for label in labels}
+    equal = []
     repeats *= case.get("rounds_factor", 1)
-    for repeat in range(repeats + 1):  # the first round warms up both paths and is dropped
+    for repeat in range(repeats + 1):  # the first round warms up every path and is dropped
         outputs = {}
-        for label in ("stock", "paged") if repeat % 2 == 0 else ("paged", "stock"):
-            (enable_paged_cache if label == "paged" else disable_paged_cache)(model)
+        for label in labels if repeat % 2 == 0 else labels[::-1]:
+            if label == "stock":
+                disable_paged_cache(model)
+            else:
+                enable_paged_cache(model, kv_cache_dtype=kv_cache_dtype if label == "paged" else "auto")
             seconds, outputs[label] = time_generate(model, input_ids, case)
             if repeat:
                 times[label].append(seconds)
         disable_paged_cache(model)
-        if not torch.equal(outputs["stock"], outputs["paged"]):
+        exact = outputs["paged_auto"] if kv_cache_dtype != "auto" else outputs["paged"]
+        if not torch.equal(outputs["stock"], exact):
             raise SystemExit(f"paged output differs from stock in round {repeat}: refusing to report a time for wrong "
                              f"tokens")
+        equal.append((outputs["paged"] == outputs["stock"]).float().mean().item())
     stock, paged = statistics.median(times["stock"]), statistics.median(times["paged"])
     # Rounds run back to back, so the ratio within a round is less exposed to the machine's slow drifts.
     round_ratios = [s / p for s, p in zip(times["stock"], times["paged"])]
-    return {"stock_s": stock, "paged_s": paged, "speedup": stock / paged,
-            "median_round_speedup": statistics.median(round_ratios), "stock_runs": times["stock"],
-            "paged_runs": times["paged"]}
+    result = {"kv_cache_dtype": kv_cache_dtype, "stock_s": stock, "paged_s": paged, "speedup": stock / paged,
+              "median_round_speedup": statistics.median(round_ratios), "stock_runs": times["stock"],
+              "paged_runs": times["paged"],
+              "tokens_equal_stock": statistics.mean(equal)}
+    if kv_cache_dtype != "auto":
+        auto = statistics.median(times["paged_auto"])
+        result.update(paged_auto_s=auto, auto_over_paged=auto / paged, paged_auto_runs=times["paged_auto"])
+    return result
 
 
 def main(argv=None) -> int:
@@ -83,6 +99,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names (without --sweep)")
     parser.add_argument("--sweep", choices=sorted(SWEEP_NEW_TOKENS), help="run the prompt-length sweep on this model")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "int8", "fp8"), default="auto",
+                        help="paged blocks: auto (the model's dtype) or compressed")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/speed.json, or speed_sweep_MODEL.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -92,13 +110,20 @@ def main(argv=None) -> int:
     out = args.out or str(RESULTS_DIR / (f"speed_sweep_{args.sweep}.json" if args.sweep else "speed.json"))
     results = {}
     print(f"model: {model_name}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters\n")
-    print("| case | rounds | stock s (median) | paged s (median) | stock / paged | median of per-round ratios |")
-    print("|---|---|---|---|---|---|")
+    compressed = args.kv_cache_dtype != "auto"
+    extra = " paged auto s | paged auto / paged | tokens = stock |" if compressed else ""
+    print(f"| case | rounds | stock s (median) | paged s (median) | stock / paged | median of per-round ratios |{extra}")
+    print("|---|---|---|---|---|---|" + "---|" * (3 if compressed else 0))
     for name, case in cases.items():
-        result = results[name] = run_case(model, case, args.repeats)
-        print(f"| {name} | {len(result['stock_runs'])} | {result['stock_s']:.2f} | {result['paged_s']:.2f} "
-              f"| {result['speedup']:.2f}x | {result['median_round_speedup']:.2f}x |", flush=True)
-        write_json(out, {**run_info(), "model": model_name, "results": results})  # after each case: a long sweep
+        result = results[name] = run_case(model, case, args.repeats, args.kv_cache_dtype)
+        line = (f"| {name} | {len(result['stock_runs'])} | {result['stock_s']:.2f} | {result['paged_s']:.2f} "
+                f"| {result['speedup']:.2f}x | {result['median_round_speedup']:.2f}x |")
+        if compressed:
+            line += (f" {result['paged_auto_s']:.2f} | {result['auto_over_paged']:.2f}x | "
+                     f"{result['tokens_equal_stock']:.0%} |")
+        print(line, flush=True)
+        write_json(out, {**run_info(), "model": model_name, "kv_cache_dtype": args.kv_cache_dtype,
+                         "results": results})  # after each case: a long sweep
     return 0
 
 

@@ -8,10 +8,14 @@
 Map of the package (each layer imports only from the ones above it):
 
 - blocks/       where blocks are allocated and shared: allocator (ids, reference counts), tables (fork, append with
-                copy-on-write, select, crop), groups (rows sharing a prefix). numpy only.
+                copy-on-write, select, crop), groups (rows sharing a prefix), partial (the slots of blocks still being
+                filled, when full blocks are stored compressed). numpy only.
 - step.py       where one forward's metadata is built, once for every layer: tables, slot mapping, copies, groups,
-                uploaded per device on first use. layout.py: rows read in place as strided views, or gathered.
-- cache.py      `PagedCache` / `PagedLayer`: the pools, writes, and the `PagedRead` a layer hands attention.
+                uploaded per device on first use; for compressed storage, the blocks a step completes and the
+                dequantized view attention reads. layout.py: rows read in place as strided views, or gathered.
+- cache.py      `PagedCache` / `PagedLayer`: the pools and writes. read.py: the `PagedRead` a layer hands attention.
+                quantize.py / compressed.py: `kv_cache_dtype="int8" | "fp8"`, full blocks quantized once when they
+                fill, partial blocks in the model's dtype.
 - attention/    where attention picks its path (dispatch.py): stock's function (stock.py), the Triton kernels, or the
                 PyTorch shared-prefix split (shared_prefix.py).
 - kernels/      Triton kernels and their PyTorch references; import nothing else of this package.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import weakref
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,61 +10,20 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .backend import uses_triton
-from .blocks import BlockAllocator, BlockTables, cdiv
-from .kernels import kernels_serve
-from .kv_ops import copy_blocks, write_kv
+from .blocks import BlockAllocator, BlockTables, PartialBlocks, cdiv
+from .compressed import CompressedPools
+from .kernels import kernels_load, kernels_serve
+from .kv_ops import copy_blocks, grown, tokens_major, write_kv
 from .layout import gather_rows
 from .patches.attention_impl import implementation_of, runs_paged_attention
 from .patches.compat import length_after_crop
 from .patches.layer_windows import stock_cache_windows
+from .quantize import kv_cache_dtype_problem
+from .read import CompressedRead, PagedRead, forget_handed_over, handed_over, paged_read_of
 from .stats import CacheStats
-from .step import DeviceStep, PagedStep
+from .step import PagedStep
 
-__all__ = ["PagedCache", "PagedLayer", "PagedRead", "forget_handed_over", "paged_read_of"]
-
-
-@dataclass(frozen=True)
-class PagedRead:
-    """What attention needs to read one layer's paged K/V in this forward, handed over with the layer's pools.
-
-    A layer whose attention has paged work to do returns its pools as "K/V" and hands this over (`paged_read_of`
-    finds it again from the pool the attention function received); anything else attention receives is ordinary K/V.
-    """
-
-    layer: "PagedLayer"
-    step: PagedStep
-    device_step: DeviceStep
-
-    @property
-    def keys(self) -> torch.Tensor:  # [num_blocks, block_size, num_kv_heads, head_dim]
-        return self.layer.keys
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.layer.values
-
-    @property
-    def use_triton(self) -> bool:
-        return self.layer.use_triton
-
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's K and V [num_rows, num_kv_heads, seq_len, head_dim] (see `PagedLayer.rows`)."""
-        return self.layer.rows(self.step)
-
-
-# The read a layer handed over last in this thread (or task): attention runs right after its layer's update.
-_handed_over: ContextVar[PagedRead | None] = ContextVar("paged_generate_read", default=None)
-
-
-def paged_read_of(key: torch.Tensor) -> PagedRead | None:
-    """The `PagedRead` whose pools attention received as `key`, or None for ordinary K/V."""
-    read = _handed_over.get()
-    return read if read is not None and read.layer.keys is key else None
-
-
-def forget_handed_over() -> None:
-    """Drop the last read handed over (end of a generate() call), so that it keeps no cache alive."""
-    _handed_over.set(None)
+__all__ = ["CompressedLayer", "PagedCache", "PagedLayer", "PagedRead", "forget_handed_over", "paged_read_of"]
 
 
 @dataclass(frozen=True)
@@ -123,7 +81,7 @@ class PagedLayer(CacheLayerMixin):
         self.use_triton = uses_triton(self.cache.backend, self.device, block_size) and kernels_serve(
             dtype=self.dtype, head_dim=head_dim, value_head_dim=value_states.shape[-1], block_size=block_size)
         self.bytes_per_token = num_kv_heads * (head_dim + value_states.shape[-1]) * key_states.element_size()
-        # Zeros, not empty: see `_grown`.
+        # Zeros, not empty: see `kv_ops.grown`.
         capacity = self.cache.allocator.capacity
         self.keys = torch.zeros((capacity, block_size, num_kv_heads, head_dim), dtype=self.dtype, device=self.device)
         self.values = torch.zeros((capacity, block_size, num_kv_heads, value_states.shape[-1]), dtype=value_states.dtype,
@@ -160,9 +118,9 @@ class PagedLayer(CacheLayerMixin):
             values[:, :, past_len:seq_len].copy_(value_states)
             return keys[:, :, :seq_len], values[:, :, :seq_len]
         device_step = step.on(self.device)
-        write_kv(_tokens_major(key_states), _tokens_major(value_states), self.keys, self.values,
+        write_kv(tokens_major(key_states), tokens_major(value_states), self.keys, self.values,
                  device_step.slot_mapping, use_triton=self.use_triton)
-        _handed_over.set(PagedRead(self, step, device_step))
+        handed_over.set(PagedRead(self, step, device_step))
         return self.keys, self.values
 
     def rows(self, step: PagedStep) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,8 +150,8 @@ class PagedLayer(CacheLayerMixin):
 
     def _grow_pools(self, capacity: int) -> None:
         """Grow this layer's pools to the allocator's capacity; one layer at a time, so the peak stays low."""
-        self.keys = _grown(self.keys, capacity)
-        self.values = _grown(self.values, capacity)
+        self.keys = grown(self.keys, capacity)
+        self.values = grown(self.values, capacity)
         self._pool_blocks = capacity
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -221,6 +179,57 @@ class PagedLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("call PagedCache.crop: block tables are shared by all layers")
+
+
+class CompressedLayer(PagedLayer):
+    """A `PagedLayer` of a cache storing full blocks compressed (`kv_cache_dtype` "int8" / "fp8"): `storage` holds
+    them quantized, and the rows' partial blocks in the model's dtype (see `compressed.py`). Attention always gets the
+    compressed pools and a `CompressedRead`: rows are never views of the pools."""
+
+    def __init__(self, cache: "PagedCache"):
+        super().__init__(cache)
+        self.storage: CompressedPools | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        _, num_kv_heads, _, head_dim = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.storage = CompressedPools(self.cache.kv_cache_dtype, key_states, value_states, self.cache.block_size)
+        self.use_triton = uses_triton(self.cache.backend, self.device, self.cache.block_size) and kernels_serve(
+            dtype=self.dtype, head_dim=head_dim, value_head_dim=value_states.shape[-1],
+            block_size=self.cache.block_size) and kernels_load(self.storage.keys.dtype, self.device, self.dtype)
+        # Stock's figure, in the model's dtype: what `dense_kv_bytes` counts.
+        self.bytes_per_token = num_kv_heads * (head_dim + value_states.shape[-1]) * key_states.element_size()
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store `[num_rows, num_kv_heads, query_len, head_dim]` new K/V; return the compressed pools (attention reads
+        them through the `CompressedRead` handed over)."""
+        step = self.cache.step_for(self, key_states.shape[0], key_states.shape[-2])
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        storage = self.storage
+        storage.provide(step.pool_blocks, step.slots.capacity)
+        self.keys, self.values = storage.keys, storage.values
+        device_step = step.on(self.device)
+        storage.store(step, device_step, key_states, value_states, use_triton=self.use_triton)
+        self.num_written = step.seq_len
+        handed_over.set(CompressedRead(self, step, device_step))
+        return self.keys, self.values
+
+    def rows(self, step: PagedStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's K and V [num_rows, num_kv_heads, seq_len, head_dim] in the model's dtype (dequantized)."""
+        return CompressedRead(self, step, step.on(self.device)).rows()
+
+    def reopen(self, blocks: np.ndarray, slots: np.ndarray) -> None:
+        """After a crop: full blocks partial again take back their (dequantized) tokens in their slots."""
+        if self.storage is not None and len(blocks):
+            self.storage.provide(0, self.cache.partial.capacity)
+            to = dict(dtype=torch.int64, device=self.device)
+            self.storage.reopen(torch.as_tensor(blocks, **to), torch.as_tensor(slots, **to))
+
+    def release(self) -> None:
+        super().release()
+        self.storage = None
 
 
 class PagedCache(Cache):
@@ -253,9 +262,19 @@ class PagedCache(Cache):
             layer.set_stock_window(window)
         return cache
 
-    def __init__(self, *, num_layers: int, block_size: int = 16, max_blocks: int | None = None, backend: str = "auto"):
+    def __init__(self, *, num_layers: int, block_size: int = 16, max_blocks: int | None = None, backend: str = "auto",
+                 kv_cache_dtype: str = "auto"):
+        """kv_cache_dtype: "auto" keeps K/V in the model's dtype; "int8" / "fp8" (float8 e4m3) store every full block
+        quantized, with a scale per block and KV head, and dequantize where attention reads it (not token-identical
+        to stock: see the README's compression section)."""
+        problem = kv_cache_dtype_problem(kv_cache_dtype)
+        if problem:
+            raise ValueError(f"PagedCache: {problem}.")
         self.block_size = block_size
         self.backend = backend
+        self.kv_cache_dtype = kv_cache_dtype
+        # The slots of partial blocks, for a compressing cache (see blocks/partial.py).
+        self.partial = PartialBlocks(block_size) if kv_cache_dtype != "auto" else None
         self.model_config = None  # set by `from_model`
         # Tokens per row a call expects at most, set by generate() where rows share nothing (no beams or samples) on
         # the PyTorch path: rows are then placed that far apart in the pool, each keeping a run of blocks that
@@ -263,14 +282,16 @@ class PagedCache(Cache):
         # as stock's cache does once generation reaches max_length.
         self.expected_seq_len: int | None = None
         self.allocator = BlockAllocator(block_size=block_size, max_blocks=max_blocks)
-        self.tables = BlockTables(self.allocator)
+        self.tables = BlockTables(self.allocator, partial=self.partial)
         self._step: PagedStep | None = None
         self._tables_memo: dict = {}  # what steps derive from the tables array: uploads, layout (see PagedStep.memo)
         self._max_rows = 0
         self._max_seq_len = 0
         self._peak_capacity = 0
         self.prefill_rows: int | None = None
-        super().__init__(layers=[PagedLayer(self) for _ in range(num_layers)])
+        self._peak_slots = 0
+        layer_class = PagedLayer if self.partial is None else CompressedLayer
+        super().__init__(layers=[layer_class(self) for _ in range(num_layers)])
 
     @property
     def current_step(self) -> PagedStep | None:
@@ -300,8 +321,8 @@ class PagedCache(Cache):
             if self.tables.num_rows != num_rows:
                 self._note_peaks()
                 self.tables.free()
-                self.tables = BlockTables(self.allocator, num_rows=num_rows)
-            if self.expected_seq_len:
+                self.tables = BlockTables(self.allocator, num_rows=num_rows, partial=self.partial)
+            if self.expected_seq_len and self.partial is None:  # compressed rows are never read in place
                 self.tables.row_stride = cdiv(self.expected_seq_len, self.block_size)
         if num_rows != self.tables.num_rows:
             raise ValueError(
@@ -312,7 +333,7 @@ class PagedCache(Cache):
         copies = self.tables.append(query_len)
         self._step = PagedStep(past_len=past_len, query_len=query_len, block_size=self.block_size,
                                tables=self.tables.tables, copies=copies, pool_blocks=self.allocator.capacity,
-                               shared=self.tables.shared, memo=self._tables_memo)
+                               shared=self.tables.shared, memo=self._tables_memo, slots=self.tables.slot_plan)
         return self._step
 
     def _note_peaks(self) -> None:
@@ -320,6 +341,8 @@ class PagedCache(Cache):
         self._max_rows = max(self._max_rows, self.tables.num_rows)
         self._max_seq_len = max(self._max_seq_len, self.tables.seq_len)
         self._peak_capacity = max(self._peak_capacity, self.allocator.capacity)
+        if self.partial is not None:
+            self._peak_slots = max(self._peak_slots, self.partial.capacity)
 
     # --- what generate() and users call on a Cache -------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -361,9 +384,11 @@ class PagedCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """`crop(-n)` forgets the last n tokens of every row; blocks left empty are freed."""
         self._note_peaks()
-        self.tables.crop(length_after_crop(tokens_to_remove, self.tables.seq_len))
+        reopened = self.tables.crop(length_after_crop(tokens_to_remove, self.tables.seq_len))
         for layer in self.layers:
             layer.num_written = min(layer.num_written, self.tables.seq_len)
+            if reopened is not None:
+                layer.reopen(*reopened)
 
     def reset(self) -> None:
         """Forget every row; the pools are kept for reuse."""
@@ -391,32 +416,39 @@ class PagedCache(Cache):
     def stats(self) -> CacheStats:
         self._note_peaks()
         bytes_per_token = sum(layer.bytes_per_token for layer in self.layers)
+        peak_kv_bytes = self.allocator.peak_used * self.block_size * bytes_per_token
+        pool_bytes = self._peak_capacity * self.block_size * bytes_per_token
+        if self.partial is not None:  # compressed full blocks, scales and partial blocks in the model's dtype
+            full, partial = self._block_bytes()
+            peak_kv_bytes = self.partial.peak_bytes(full, partial)
+            pool_bytes = self._peak_capacity * full + self._peak_slots * partial
         return CacheStats(
             block_size=self.block_size,
             peak_blocks=self.allocator.peak_used,
-            peak_kv_bytes=self.allocator.peak_used * self.block_size * bytes_per_token,
-            pool_bytes=self._peak_capacity * self.block_size * bytes_per_token,
+            peak_kv_bytes=peak_kv_bytes,
+            pool_bytes=pool_bytes,
             dense_kv_bytes=self._max_rows * self._max_seq_len * bytes_per_token,
             rows=self._max_rows,
             max_seq_len=self._max_seq_len,
             prefill_rows=self.prefill_rows,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
+
+    def kv_bytes(self) -> int:
+        """Bytes of K/V the blocks in use hold now, summed over layers (what `stats().peak_kv_bytes` peaks at)."""
+        in_use = int(self.allocator.num_used)
+        if self.partial is None:
+            return in_use * self.block_size * sum(layer.bytes_per_token for layer in self.layers)
+        full, partial = self._block_bytes()
+        return (in_use - self.partial.num_used) * full + self.partial.num_used * partial
+
+    def _block_bytes(self) -> tuple[int, int]:
+        """(a full block, a partial block) in bytes over all layers of a compressing cache."""
+        storages = [layer.storage for layer in self.layers if layer.storage is not None]
+        return sum(s.full_block_bytes for s in storages), sum(s.partial_block_bytes for s in storages)
 
     @property
     def num_rows(self) -> int:
         return self.tables.num_rows
 
 
-def _tokens_major(states: torch.Tensor) -> torch.Tensor:
-    # [num_rows, num_kv_heads, query_len, head_dim] -> [num_rows * query_len, num_kv_heads, head_dim]
-    if states.shape[2] == 1:  # decode: a view, no copy
-        return states[:, :, 0]
-    return states.transpose(1, 2).reshape(-1, states.shape[1], states.shape[3])
-
-
-def _grown(pool: torch.Tensor, capacity: int) -> torch.Tensor:
-    # Zeros, not empty: attention reads whole blocks and masks the slots past a row's length with weight 0, and
-    # 0 * NaN garbage would still be NaN.
-    grown = torch.zeros((capacity, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
-    grown[: pool.shape[0]] = pool
-    return grown

@@ -21,6 +21,7 @@ from .patches.compile_boundary import attention_modules, compile_attention_eager
 from .patches.model_checks import family_eager, keeps_recurrent_state, uses_attention_registry
 from .patches.tensor_parallel import tensor_parallel_of
 from .patches.wrapped_models import peft_adapter_types, transformers_model_of
+from .quantize import kv_cache_dtype_problem
 from .stats import CacheStats
 
 __all__ = ["cache_stats", "disable_paged_cache", "enable_paged_cache", "is_paged_cache_enabled"]
@@ -45,6 +46,7 @@ def enable_paged_cache(
     max_blocks: int | None = None,
     max_cache_bytes: int | None = None,
     backend: str = "auto",
+    kv_cache_dtype: str = "auto",
 ) -> torch.nn.Module:
     """Make every later `model.generate(...)` keep its KV cache in shared, copy-on-write blocks.
 
@@ -58,6 +60,9 @@ def enable_paged_cache(
     max_cache_bytes : the same cap in bytes of K/V over all layers (converted with the model's dtype).
     backend : "auto" (Triton kernels for CUDA layers, PyTorch elsewhere), "triton" or "torch" to force one. The
         environment variable PAGED_GENERATE_BACKEND overrides "auto".
+    kv_cache_dtype : "auto" (K/V in the model's dtype: token-identical to stock), "int8" or "fp8" (float8 e4m3): full
+        blocks stored compressed with a scale per block and KV head, partial blocks in the model's dtype; lossy, see
+        the README's compression section. `max_cache_bytes` is still converted with the model's dtype.
 
     Returns `model` (the object given), enabled. Enabling an enabled model updates its settings. A cache passed
     explicitly to `generate` is used as is (one an earlier call returned continues a conversation); `use_cache=False`
@@ -71,7 +76,7 @@ def enable_paged_cache(
     0.78
     """
     _check_settings(block_size, max_blocks, max_cache_bytes)
-    problem = backend_problem(backend, block_size)
+    problem = backend_problem(backend, block_size) or kv_cache_dtype_problem(kv_cache_dtype)
     if problem:
         raise ValueError(f"enable_paged_cache: {problem}.")
     wrapper, model = model, transformers_model_of(model)
@@ -88,6 +93,7 @@ def enable_paged_cache(
         block_size=block_size,
         max_blocks=max_blocks,
         backend=backend,
+        kv_cache_dtype=kv_cache_dtype,
         attn_implementation=previous.attn_implementation if previous else decoder_implementation(model),
     )
     if previous is None:

@@ -8,7 +8,7 @@ import torch
 
 from . import kernels
 
-__all__ = ["copy_blocks", "write_kv"]
+__all__ = ["copy_blocks", "grown", "tokens_major", "write_kv"]
 
 
 def write_kv(key, value, key_cache, value_cache, slot_mapping, *, use_triton: bool = False) -> None:
@@ -25,3 +25,21 @@ def copy_blocks(key_cache, value_cache, src: torch.Tensor, dst: torch.Tensor, *,
         return kernels.launch_copy_blocks(key_cache, value_cache, src, dst)
     key_cache.index_copy_(0, dst, key_cache.index_select(0, src))
     value_cache.index_copy_(0, dst, value_cache.index_select(0, src))
+
+
+def tokens_major(states: torch.Tensor) -> torch.Tensor:
+    """[num_rows, num_kv_heads, query_len, head_dim] -> [num_rows * query_len, num_kv_heads, head_dim], row-major."""
+    if states.shape[2] == 1:  # decode: a view, no copy
+        return states[:, :, 0]
+    return states.transpose(1, 2).reshape(-1, states.shape[1], states.shape[3])
+
+
+def grown(pool: torch.Tensor, capacity: int) -> torch.Tensor:
+    """`pool` [num_blocks, ...] with zero blocks appended up to `capacity`.
+
+    Zeros, not empty: attention reads whole blocks and masks the slots past a row's length with weight 0, and
+    0 * NaN garbage would still be NaN.
+    """
+    grown_pool = torch.zeros((capacity, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+    grown_pool[: pool.shape[0]] = pool
+    return grown_pool

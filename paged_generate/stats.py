@@ -11,11 +11,15 @@ __all__ = ["CacheStats"]
 class CacheStats:
     """What the paged cache of one `generate()` call used, next to what the stock contiguous cache would hold.
 
-    peak_kv_bytes: bytes of the blocks in use at the peak, summed over layers.
-    pool_bytes: bytes the pools reserved (their largest size during the call).
-    dense_kv_bytes: rows x longest length x bytes per token summed over layers: the stock cache at its peak.
-    saving: 1 - peak_kv_bytes / dense_kv_bytes.
+    peak_kv_bytes: bytes of the blocks in use at the peak, summed over layers. With a compressed `kv_cache_dtype`,
+        what they really held: full blocks compressed with their scales, partial blocks in the model's dtype.
+    pool_bytes: bytes the pools reserved (their largest size during the call; compressed: a compressed block for every
+        block id, and the side pool of partial blocks).
+    dense_kv_bytes: rows x longest length x bytes per token (in the model's dtype) summed over layers: the stock cache
+        at its peak.
+    saving: 1 - peak_kv_bytes / dense_kv_bytes: against stock, sharing and compression together.
     prefill_rows: rows the prompt forward ran on (distinct prompts, when prefill-once applied).
+    kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8": how full blocks were stored.
     """
 
     block_size: int
@@ -26,6 +30,7 @@ class CacheStats:
     rows: int
     max_seq_len: int
     prefill_rows: int | None = None
+    kv_cache_dtype: str = "auto"
 
     @property
     def saving(self) -> float:

@@ -9,11 +9,12 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from .blocks import BlockCopies, SharedPrefix
+from .blocks import BlockCopies, SharedPrefix, SlotPlan
+from .blocks.tables import NO_COPIES
 from .kernels.grouping import GroupMembers, group_members
 from .layout import regular_layout, strided_rows
 
-__all__ = ["DeviceSharedPrefix", "DeviceStep", "MaskPattern", "PagedStep", "mark_mask", "mask_pattern"]
+__all__ = ["DenseView", "DeviceSharedPrefix", "DeviceStep", "MaskPattern", "PagedStep", "mark_mask", "mask_pattern"]
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,15 @@ class PagedStep:
     copy_src, copy_dst: int64 [num_copies], the copy-on-write copies to make before the writes
     pool_blocks: blocks the allocator can hand out; the layers' pools grow to that
     shared: which leading blocks groups of rows share (beams or samples of a prompt), or None
+    slots: for a cache storing full blocks compressed, the slots of the partial blocks (see `blocks/partial.py`), or
+        None. Then the copies above are of partial blocks, made slot to slot (`slots.copy_src` / `copy_dst`).
     """
 
     def __init__(self, *, past_len: int, query_len: int, block_size: int, tables: np.ndarray, copies: BlockCopies,
-                 pool_blocks: int, shared: SharedPrefix | None = None, memo: dict | None = None):
+                 pool_blocks: int, shared: SharedPrefix | None = None, memo: dict | None = None,
+                 slots: SlotPlan | None = None):
         self.past_len, self.query_len, self.block_size = past_len, query_len, block_size
-        self.tables, self.pool_blocks, self.shared = tables, pool_blocks, shared
+        self.tables, self.pool_blocks, self.shared, self.slots = tables, pool_blocks, shared, slots
         self.copy_src, self.copy_dst = copies
         self._memo = {} if memo is None else memo  # the cache's, kept across steps: see `memo`
         self._by_device: dict[torch.device, DeviceStep] = {}
@@ -125,6 +129,85 @@ class PagedStep:
             cached = self._by_device[device] = DeviceStep(self, device)
         return cached
 
+    # --- compressed storage (`slots` set) ---------------------------------------------------------------------------
+    @property
+    def num_filled_columns(self) -> int:
+        """Blocks per row this step completes; they are quantized as this step writes them."""
+        return self.seq_len // self.block_size - self.past_len // self.block_size
+
+    @property
+    def tokens_to_fill(self) -> int:
+        """The first this many new tokens of each row complete blocks; the others go to its partial block's slot."""
+        filled = self.num_filled_columns
+        return filled * self.block_size - self.past_len % self.block_size if filled else 0
+
+    @cached_property
+    def fill_blocks(self) -> np.ndarray:
+        """int64 [num_rows * num_filled_columns]: the blocks this step completes, row-major."""
+        bs = self.block_size
+        return self.tables[:, self.past_len // bs : self.seq_len // bs].reshape(-1)
+
+    @cached_property
+    def slot_mapping_of_partial(self) -> np.ndarray:
+        """int64 [num_rows * (query_len - tokens_to_fill)], row-major: where the new tokens that do not complete a
+        block go in the side pool (slot * block_size + offset)."""
+        if self.slots.slots is None:
+            return np.zeros(0, dtype=np.int64)
+        positions = np.arange(self.past_len + self.tokens_to_fill, self.seq_len)
+        return (self.slots.slots[:, None] * self.block_size + positions % self.block_size).reshape(-1)
+
+    @cached_property
+    def dense(self) -> "DenseView":
+        """What this step reads, as blocks in the model's dtype (see `DenseView`); the same object from step to step
+        until the tables, the slots or the number of full blocks change."""
+        num_full = self.seq_len // self.block_size
+        slots = self.slots.slots
+        cached = self._memo.get("dense")
+        if cached is None or cached[0] is not self.tables or cached[1] is not slots or cached[2] != num_full:
+            cached = self._memo["dense"] = (self.tables, slots, num_full, DenseView.of(self.tables, num_full, slots))
+        return cached[3]
+
+    @cached_property
+    def dense_step(self) -> "PagedStep":
+        """This step over `dense.tables`: the blocks attention reads once they are dequantized (no copies to make)."""
+        view = self.dense
+        return PagedStep(past_len=self.past_len, query_len=self.query_len, block_size=self.block_size,
+                         tables=view.tables, copies=NO_COPIES, pool_blocks=view.num_blocks, shared=self.shared,
+                         memo=view.memo)
+
+
+@dataclass(frozen=True, eq=False)
+class DenseView:
+    """The blocks a step of a compressing cache reads, numbered for a small pool of them in the model's dtype: the
+    distinct full blocks of all rows, dequantized once each (a group's shared prefix once for the group), then each
+    row's partial block from its slot.
+
+    blocks: int64 [num_full_blocks], the distinct full blocks, ascending; they become blocks 0 .. num_full_blocks - 1
+    slots: int64 [num_rows] the slots of the rows' partial blocks, which become blocks num_full_blocks + row; or empty
+    tables: int64 [num_rows, blocks per row], the rows' tables in that numbering
+    memo: what steps over these tables derive from them (uploads, layout), kept while the view lasts
+    """
+
+    blocks: np.ndarray
+    slots: np.ndarray
+    tables: np.ndarray
+    memo: dict
+
+    @classmethod
+    def of(cls, tables: np.ndarray, num_full: int, slots: np.ndarray | None) -> "DenseView":
+        blocks, inverse = np.unique(tables[:, :num_full], return_inverse=True)
+        dense = inverse.reshape(tables.shape[0], num_full)
+        if slots is not None:
+            partial = len(blocks) + np.arange(tables.shape[0], dtype=np.int64)
+            dense = np.concatenate([dense, partial[:, None]], axis=1)
+        else:
+            slots = np.zeros(0, dtype=np.int64)
+        return cls(blocks, slots, np.ascontiguousarray(dense, dtype=np.int64), {})
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks) + len(self.slots)
+
 
 class DeviceStep:
     """A step's metadata as tensors on one device (layers of a `device_map` model may sit on several).
@@ -161,6 +244,56 @@ class DeviceStep:
     @cached_property
     def seq_lens(self) -> torch.Tensor:
         return torch.full((self.step.num_rows,), self.step.seq_len, dtype=torch.int32, device=self.device)
+
+    # Compressed storage: see `PagedStep.slots`.
+    @cached_property
+    def fill_blocks(self) -> torch.Tensor:
+        return _to(self.step.fill_blocks, torch.int64, self.device)
+
+    @cached_property
+    def fill_slots(self) -> torch.Tensor:
+        return _to(self.step.slots.fill_slots, torch.int64, self.device)
+
+    @cached_property
+    def slot_mapping_of_partial(self) -> torch.Tensor:
+        return _to(self.step.slot_mapping_of_partial, torch.int64, self.device)
+
+    @cached_property
+    def slot_copy_src(self) -> torch.Tensor:
+        return _to(self.step.slots.copy_src, torch.int64, self.device)
+
+    @cached_property
+    def slot_copy_dst(self) -> torch.Tensor:
+        return _to(self.step.slots.copy_dst, torch.int64, self.device)
+
+    @cached_property
+    def partial_slots(self) -> torch.Tensor:
+        """int32 [num_rows]: the slot of each row's partial block (-1 where every block is full), as the kernels take
+        it; uploaded once while the slots stay the same."""
+        step = self.step
+        slots = step.slots.slots
+        if slots is None:
+            return torch.full((step.num_rows,), -1, dtype=torch.int32, device=self.device)
+        cached = step._memo.get((self.device, "partial_slots"))
+        if cached is None or cached[0] is not slots:
+            cached = step._memo[(self.device, "partial_slots")] = (slots, _to(slots, torch.int32, self.device))
+        return cached[1]
+
+    @cached_property
+    def dense_blocks(self) -> torch.Tensor:
+        """`PagedStep.dense`'s blocks and slots on this device, uploaded once per view."""
+        return self._dense_upload("blocks")
+
+    @cached_property
+    def dense_slots(self) -> torch.Tensor:
+        return self._dense_upload("slots")
+
+    def _dense_upload(self, name: str) -> torch.Tensor:
+        view = self.step.dense
+        key = (self.device, name)
+        if key not in view.memo:
+            view.memo[key] = _to(getattr(view, name), torch.int64, self.device)
+        return view.memo[key]
 
     @cached_property
     def shared(self) -> DeviceSharedPrefix:

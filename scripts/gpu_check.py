@@ -418,13 +418,13 @@ def speed_case(model, device, prompt_len, new_tokens, case, dry_run: bool) -> di
                 times.append(time.perf_counter() - start)
         result[label] = {"seconds": statistics.median(times), "peak_bytes_over_weights": peak}
     growths = []
-    original = cache_module._grown
+    original = cache_module.grown
 
     def grown(pool, capacity):
         growths.append((pool.numel() * pool.element_size(), capacity * pool[0].numel() * pool.element_size()))
         return original(pool, capacity)
 
-    cache_module._grown = grown
+    cache_module.grown = grown
     enable_paged_cache(model, backend=backend)
     try:
         with torch.no_grad():
@@ -432,7 +432,7 @@ def speed_case(model, device, prompt_len, new_tokens, case, dry_run: bool) -> di
                            pad_token_id=0, **case["kwargs"])  # fmt: skip
         stats = cache_stats(model)
     finally:
-        cache_module._grown = original
+        cache_module.grown = original
         disable_paged_cache(model)
     peak = result["paged"]["peak_bytes_over_weights"]
     result.update(speedup=result["stock"]["seconds"] / result["paged"]["seconds"], growths=len(growths),

@@ -131,3 +131,25 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path, caps
     assert main(SMALL + ["--plot", str(tmp_path / "kv.png")]) == 1
     err = capsys.readouterr().err
     assert "pip install matplotlib" in err and not (tmp_path / "kv.png").exists()
+
+
+def test_demo_with_compressed_blocks_reports_the_share_of_equal_tokens():
+    import io
+    from contextlib import redirect_stdout
+
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        code = main(SMALL + ["--kv-cache-dtype", "int8", "--modes", "beam", "--json"])
+    report = json.loads(buffer.getvalue())
+    assert code == 0 and report["kv_cache_dtype"] == "int8"
+    (result,) = report["results"]
+    assert result["paged"]["stats"]["kv_cache_dtype"] == "int8" and 0.0 <= result["same_token_share"] <= 1.0
+    # fp32 blocks of 16 tokens -> 1 byte per element plus scales: well under half of what the same call holds as fp32.
+    stats = result["paged"]["stats"]
+    assert stats["peak_kv_bytes"] < 0.5 * stats["dense_kv_bytes"]
+
+
+def test_unknown_kv_cache_dtype_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--kv-cache-dtype", "int4"])
+    assert exit_info.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err

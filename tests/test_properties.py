@@ -1,5 +1,9 @@
 """Stateful property tests: PagedCache against a dense per-row reference under random cache operations.
 
+Caches storing full blocks compressed (`kv_cache_dtype` "int8" / "fp8") run the same machine; their reference
+quantizes and dequantizes each block of every row as it fills (`quantize.py`'s functions), so rows read must still
+equal it exactly.
+
 Profiles: `ci` (default) and `thorough` (`HYPOTHESIS_PROFILE=thorough pytest tests/test_properties.py`).
 """
 
@@ -14,6 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from paged_generate import OutOfBlocksError, PagedCache
 from paged_generate.cache import paged_read_of
 from paged_generate.layout import gather_rows as gather_kv
+from paged_generate.quantize import dequantize_blocks, quantize_blocks
 
 settings.register_profile(
     "ci", max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -27,14 +32,20 @@ OPERATIONS = {"count": 0}
 
 
 class PagedCacheMachine(RuleBasedStateMachine):
+    KV_CACHE_DTYPES = ["auto"]
+
     @initialize(
         block_size=st.sampled_from([1, 2, 4]),
         max_blocks=st.one_of(st.none(), st.integers(4, 40)),
         rows=st.integers(1, 4),
         expected_seq_len=st.one_of(st.none(), st.integers(1, 24)),
+        data=st.data(),
     )
-    def start(self, block_size, max_blocks, rows, expected_seq_len):
-        self.cache = PagedCache(num_layers=NUM_LAYERS, block_size=block_size, max_blocks=max_blocks)
+    def start(self, block_size, max_blocks, rows, expected_seq_len, data):
+        kv_cache_dtype = data.draw(st.sampled_from(self.KV_CACHE_DTYPES))
+        self.cache = PagedCache(num_layers=NUM_LAYERS, block_size=block_size, max_blocks=max_blocks,
+                                kv_cache_dtype=kv_cache_dtype)
+        self.kv_cache_dtype = kv_cache_dtype
         # As generate() sets them: rows placed apart to grow in runs, and layers without a sliding window, whose
         # rows can reach attention as views of the pools.
         self.cache.expected_seq_len = expected_seq_len
@@ -59,22 +70,28 @@ class PagedCacheMachine(RuleBasedStateMachine):
             returned = []
             for layer, (k, v) in enumerate(new):
                 keys, values = self.cache.update(k, v, layer)
-                returned.append((keys, values, paged_read_of(keys) is not None))
+                returned.append((keys, values, paged_read_of(keys)))
         except OutOfBlocksError:
             assert all(layer.num_written == self.cache.get_seq_length() for layer in self.cache.layers)
             return
+        old_len = self.reference[0][0].shape[1]
         self.reference = [
-            (torch.cat([rk, k.transpose(1, 2)], 1), torch.cat([rv, v.transpose(1, 2)], 1))
+            (self._compress(torch.cat([rk, k.transpose(1, 2)], 1), old_len),
+             self._compress(torch.cat([rv, v.transpose(1, 2)], 1), old_len))
             for (rk, rv), (k, v) in zip(self.reference, new)
         ]
-        # What attention gets: the pools with the step, or every row's K/V [rows, heads, seq_len, head_dim] as views.
-        for (keys, values, pools), (ref_k, ref_v) in zip(returned, self.reference):
-            if not pools:
+        # What attention gets: the pools with the step, or every row's K/V [rows, heads, seq_len, head_dim] as views;
+        # compressed pools are read dequantized, as attention's PyTorch path reads them.
+        for (keys, values, read), (ref_k, ref_v) in zip(returned, self.reference):
+            if read is None:
                 assert torch.equal(keys.transpose(1, 2), ref_k) and torch.equal(values.transpose(1, 2), ref_v)
+            elif self.kv_cache_dtype != "auto":
+                read_k, read_v = read.rows()
+                assert torch.equal(read_k.transpose(1, 2), ref_k) and torch.equal(read_v.transpose(1, 2), ref_v)
         # Blocks shared before and after the step were not written: writes go to each row's exclusive tail.
         for layer, blocks, keys in shared_before:
             still_shared = torch.from_numpy(self.cache.allocator.ref_counts[blocks.numpy()] > 1)
-            after = self.cache.layers[layer].keys[blocks]
+            after = self.cache.layers[layer].keys.view(torch.uint8)[blocks]
             assert torch.equal(after[still_shared], keys[still_shared]), "a write landed in a shared block"
 
     @precondition(lambda self: self.rows * 3 <= MAX_ROWS)
@@ -117,6 +134,19 @@ class PagedCacheMachine(RuleBasedStateMachine):
         self.cache.reset()
         self.reference = [(k[:, :0], v[:, :0]) for k, v in self.reference]
 
+    def _compress(self, rows, old_len):
+        """rows [rows, seq_len, heads, head_dim] with the blocks filled since `old_len` tokens quantized and
+        dequantized, as the cache stores them (rows sharing a block hold the same values, so row by row is the same)."""
+        if self.kv_cache_dtype == "auto":
+            return rows
+        bs = self.cache.block_size
+        rows = rows.clone()
+        for col in range(old_len // bs, rows.shape[1] // bs):
+            block = rows[:, col * bs : (col + 1) * bs]
+            rows[:, col * bs : (col + 1) * bs] = dequantize_blocks(*quantize_blocks(block, self.kv_cache_dtype),
+                                                                  rows.dtype)
+        return rows
+
     def _snapshot_shared_blocks(self):
         """(layer, block ids referenced more than once, their K) before a write."""
         allocator = self.cache.allocator
@@ -124,7 +154,8 @@ class PagedCacheMachine(RuleBasedStateMachine):
         if len(shared) == 0:
             return []
         blocks = torch.from_numpy(shared)
-        return [(i, blocks, layer.keys[blocks].clone()) for i, layer in enumerate(self.cache.layers)
+        # As bytes: float8 pools have no torch.equal.
+        return [(i, blocks, layer.keys.view(torch.uint8)[blocks].clone()) for i, layer in enumerate(self.cache.layers)
                 if layer.is_initialized and layer.keys.shape[0] > int(shared.max())]
 
     @invariant()
@@ -135,8 +166,29 @@ class PagedCacheMachine(RuleBasedStateMachine):
         tables = torch.from_numpy(self.cache.tables.tables).to(torch.int32)
         assert tables.shape[0] == self.rows
         for layer, (ref_k, ref_v) in zip(self.cache.layers, self.reference):
-            assert torch.equal(gather_kv(layer.keys, tables, seq_len).transpose(1, 2), ref_k)
-            assert torch.equal(gather_kv(layer.values, tables, seq_len).transpose(1, 2), ref_v)
+            if self.kv_cache_dtype == "auto":
+                keys, values = gather_kv(layer.keys, tables, seq_len), gather_kv(layer.values, tables, seq_len)
+            else:
+                keys, values = self._compressed_rows(layer, seq_len)
+            assert torch.equal(keys.transpose(1, 2), ref_k) and torch.equal(values.transpose(1, 2), ref_v)
+
+    def _compressed_rows(self, layer, seq_len):
+        """Every row's K and V [rows, heads, seq_len, head_dim] read through the current tables and slots: full blocks
+        dequantized, the partial block from its slot."""
+        tables, storage, bs = self.cache.tables.tables, layer.storage, self.cache.block_size
+        num_full, rest = divmod(seq_len, bs)
+        full = torch.from_numpy(tables[:, :num_full].reshape(-1))
+        out = []
+        for pool, scales, partial in ((storage.keys, storage.key_scales, storage.partial_keys),
+                                      (storage.values, storage.value_scales, storage.partial_values)):
+            rows = dequantize_blocks(pool[full], scales[full], storage.dtype)
+            rows = rows.view(self.rows, num_full * bs, HEADS, HEAD_DIM)
+            if rest:
+                slots = torch.from_numpy(self.cache.partial.slot_of[tables[:, num_full]])
+                assert (slots >= 0).all(), "a partial block without a slot"
+                rows = torch.cat([rows, partial[slots, :rest]], 1)
+            out.append(rows.transpose(1, 2))
+        return out
 
     @invariant()
     def counts_equal_table_references_and_free_list_partitions_pool(self):
@@ -155,7 +207,14 @@ class PagedCacheMachine(RuleBasedStateMachine):
             assert self.cache.allocator.num_used == 0
 
 
+class CompressedPagedCacheMachine(PagedCacheMachine):
+    """The same operations on a cache storing full blocks compressed."""
+
+    KV_CACHE_DTYPES = ["int8", "fp8"]
+
+
 TestPagedCache = PagedCacheMachine.TestCase
+TestCompressedPagedCache = CompressedPagedCacheMachine.TestCase
 
 
 def test_report_operation_count():

@@ -5,9 +5,12 @@ straight to stock's function, or its pools with a `PagedRead`. Then, in this ord
 
 1. what only stock's function reproduces (`needs_stock_attention`): stock's function on every row's K/V;
 2. a CUDA layer the Triton kernels can serve, with a mask they reproduce (`_kernel_can_serve`): the kernels,
-   shared-prefix or plain;
+   shared-prefix or plain (compressed pools are dequantized in registers);
 3. a decode step whose rows share a prefix: the PyTorch shared-prefix split;
 4. otherwise stock's function on every row's K/V (views of the pools, or gathered).
+
+The PyTorch paths read compressed pools (`read.quantized`) through `CompressedRead.dequantized()`: the step's blocks
+in the model's dtype, each distinct full block dequantized once per layer and step (a group's shared prefix once).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from ..layout import strided_rows
 from ..step import mask_pattern
 from .shared_prefix import shared_prefix_attention
 from .split_rule import split_pays
-from .stock import needs_stock_attention, stock_attention, stock_attention_on_rows, stock_cache_window
+from .stock import (needs_stock_attention, split_rounds_apart, stock_attention, stock_attention_on_rows,
+                    stock_cache_window)
 
 __all__ = ["paged_attention", "paged_attention_forward", "paged_attention_forward_eager"]
 
@@ -66,12 +70,13 @@ def paged_attention(
     `implementation` ("sdpa" or "eager") is what stock transformers would run for this model; the registered name
     fixes it, so no per-layer config lookup is needed.
     """
-    if not needs_stock_attention(implementation, query, kwargs):
+    if not needs_stock_attention(implementation, kwargs):
         known, window = _mask_known(module, query, attention_mask, read.step)
         if read.use_triton and known and _kernel_can_serve(query, read, dropout, kwargs):
             return _triton_forward(query, read, attention_mask, _scale(module, query, scaling), window, kwargs), None
-        if known and _can_split_shared_prefix(read, "torch", dropout, kwargs):
-            return _shared_prefix_forward(module, query, read, attention_mask, scaling), None
+        if known and not split_rounds_apart(query) and _can_split_shared_prefix(read, "torch", dropout, kwargs):
+            dense = read.dequantized() if read.quantized else read
+            return _shared_prefix_forward(module, query, dense, attention_mask, scaling), None
     key, value = read.rows()
     layer = read.layer
     window = layer.stock_window if layer.stock_window_known else stock_cache_window(module)
@@ -99,7 +104,8 @@ def _kernel_can_serve(query, read: PagedRead, dropout: float, kwargs: dict) -> b
     # The kernels know left padding, causality, a window and a softcap, in the cache's dtype (their pools were checked
     # when created: `kernels_serve`); attention sinks, dropout, or a query or values of another dtype (autocast: fp32
     # queries and keys after the rotary embedding, bf16 values) take the PyTorch path.
-    return not dropout and kwargs.get("s_aux") is None and query.dtype == read.keys.dtype == read.values.dtype
+    key_dtype, value_dtype = read.dtypes
+    return not dropout and kwargs.get("s_aux") is None and query.dtype == key_dtype == value_dtype
 
 
 def _triton_forward(query, read: PagedRead, attention_mask, scale: float, window: int | None,
@@ -111,10 +117,11 @@ def _triton_forward(query, read: PagedRead, attention_mask, scale: float, window
     )
     if step.shares_prefix and split_pays(step.redundant_prefix_tokens, "triton"):
         return kernels.launch_shared_prefix_paged_attention(
-            query, read.keys, read.values, seq_lens=device_step.seq_lens, **device_step.shared.kernel_args, **features
+            query, read.keys, read.values, seq_lens=device_step.seq_lens, **device_step.shared.kernel_args, **features,
+            **read.storage_args,
         )
     return kernels.launch_paged_attention(query, read.keys, read.values, device_step.block_tables, device_step.seq_lens,
-                                   **features)
+                                          **features, **read.storage_args)
 
 
 def _scale(module, query, scaling) -> float:

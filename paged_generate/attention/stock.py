@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..patches.layer_windows import stock_cache_window
 from ..patches.model_checks import family_eager
 
-__all__ = ["needs_stock_attention", "stock_attention", "stock_attention_on_rows", "stock_cache_window", "weights_wanted"]
+__all__ = ["needs_stock_attention", "split_rounds_apart", "stock_attention", "stock_attention_on_rows", "stock_cache_window", "weights_wanted"]
 
 # Set by the generate patch for a call with `output_attentions=True`: the paged forwards then return the weights the
 # stock implementation returns (eager: the weights; SDPA: none), which only the stock path computes.
@@ -37,17 +37,19 @@ weights_wanted: ContextVar[bool] = ContextVar("paged_generate_weights_wanted", d
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def needs_stock_attention(implementation: str, query: torch.Tensor, kwargs: dict) -> bool:
+def needs_stock_attention(implementation: str, kwargs: dict) -> bool:
     """Whether a paged forward must run the stock implementation ("sdpa" or "eager") on the rows' K/V to give stock's
     results."""
     if implementation == "eager":
-        if weights_wanted.get():  # only eager returns attention weights, and the faster paths compute none
-            return True
-    elif kwargs.get("softcap") is not None:
-        # Stock SDPA ignores (transformers < 5.18) or refuses (>= 5.18) a softcap; the Triton kernel would apply it.
-        return True
-    # On CPU the faster path is the shared-prefix split, whose two partial softmaxes round differently from stock's
-    # single one: harmless in fp32 (~1e-6), but in fp16 / bf16 the logits move by ~0.1 and sampled tokens change.
+        return weights_wanted.get()  # only eager returns attention weights, and the faster paths compute none
+    # Stock SDPA ignores (transformers < 5.18) or refuses (>= 5.18) a softcap; the Triton kernel would apply it.
+    return kwargs.get("softcap") is not None
+
+
+def split_rounds_apart(query: torch.Tensor) -> bool:
+    """Whether the PyTorch shared-prefix split would move the logits noticeably from stock's: its two partial
+    softmaxes round differently from stock's single one, harmless in fp32 (~1e-6), but in fp16 / bf16 on CPU the
+    logits move by ~0.1 and sampled tokens change (stock's function on the rows is bit-identical there)."""
     return query.device.type == "cpu" and query.dtype in _HALF
 
 

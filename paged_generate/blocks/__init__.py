@@ -5,8 +5,9 @@ Plain numpy, no model and no attention code: everything above (the step, the cac
 
 from .allocator import BlockAllocator
 from .groups import SharedPrefix
+from .partial import PartialBlocks, SlotPlan
 from .sizes import MAX_BLOCK_SIZE, block_size_problem, cdiv
 from .tables import BlockCopies, BlockTables
 
-__all__ = ["BlockAllocator", "BlockCopies", "BlockTables", "MAX_BLOCK_SIZE", "SharedPrefix", "block_size_problem",
-           "cdiv"]
+__all__ = ["BlockAllocator", "BlockCopies", "BlockTables", "MAX_BLOCK_SIZE", "PartialBlocks", "SharedPrefix",
+           "SlotPlan", "block_size_problem", "cdiv"]

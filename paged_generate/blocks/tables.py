@@ -8,6 +8,7 @@ import numpy as np
 
 from .allocator import BlockAllocator
 from .groups import SharedPrefix
+from .partial import PartialBlocks, SlotPlan
 from .sizes import cdiv
 
 __all__ = ["BlockCopies", "BlockTables"]
@@ -35,11 +36,14 @@ class BlockTables:
     pointing at each block.
     """
 
-    def __init__(self, allocator: BlockAllocator, num_rows: int = 0, row_stride: int | None = None):
+    def __init__(self, allocator: BlockAllocator, num_rows: int = 0, row_stride: int | None = None,
+                 partial: PartialBlocks | None = None):
         """`row_stride`: blocks between the first blocks of consecutive rows, when the rows are expected to grow side
-        by side to that many blocks each (see `_fresh_columns`)."""
+        by side to that many blocks each (see `_fresh_columns`). `partial`: the slots of partial blocks, for caches
+        that compress full blocks (see `blocks/partial.py`); kept up to date with every change of the tables."""
         self.allocator = allocator
         self.row_stride = row_stride
+        self.partial = partial
         self.block_size = allocator.block_size
         self.tables = np.zeros((num_rows, 0), dtype=np.int64)
         self.seq_len = 0
@@ -51,6 +55,11 @@ class BlockTables:
     @property
     def num_rows(self) -> int:
         return self.tables.shape[0]
+
+    @property
+    def slot_plan(self) -> SlotPlan | None:
+        """The slots of the latest append (compressing caches only)."""
+        return self.partial.plan if self.partial is not None else None
 
     def blocks_needed_to_append(self, num_tokens: int) -> int:
         """Blocks `append(num_tokens)` would take: copies of shared partial blocks plus fresh blocks."""
@@ -65,6 +74,8 @@ class BlockTables:
         if num_tokens == 1 and self.seq_len % self.block_size and not self._tails_may_be_shared:
             # Most decode steps: every row's last block has room and is its own; nothing to allocate or copy.
             self.seq_len += 1
+            if self.partial is not None:
+                self.partial.after_append(self.tables, self.seq_len - 1, self.seq_len, *NO_COPIES)
             return NO_COPIES
         rows_to_copy = self._rows_to_copy()
         needed = len(rows_to_copy) + self.num_rows * self._num_new_columns(num_tokens)
@@ -75,6 +86,9 @@ class BlockTables:
         if num_new:
             self.tables = np.concatenate([self.tables, self._fresh_columns(num_new)], axis=1)
         self.seq_len += num_tokens
+        if self.partial is not None:
+            self.partial.after_append(self.tables, self.seq_len - num_tokens, self.seq_len, *copies)
+            self.partial.note(self.allocator.num_used)
         return copies
 
     def _fresh_columns(self, num_new: int) -> np.ndarray:
@@ -116,11 +130,16 @@ class BlockTables:
         self._tails_may_be_shared = True
         if self.shared is not None:
             self.shared = self.shared.forked(source_rows)
+        if self.partial is not None:
+            self.partial.after_share(self.allocator.ref_counts)
 
-    def crop(self, new_seq_len: int) -> None:
-        """Forget the tokens from position `new_seq_len` on; blocks left empty are released."""
+    def crop(self, new_seq_len: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Forget the tokens from position `new_seq_len` on; blocks left empty are released.
+
+        With `partial` slots: returns (blocks, slots), the full blocks that are partial again and the slots their
+        tokens go back to (see `PartialBlocks.after_crop`); None otherwise."""
         if new_seq_len >= self.seq_len:
-            return
+            return None if self.partial is None else (_NO_BLOCKS, _NO_BLOCKS)
         keep = cdiv(new_seq_len, self.block_size)
         self.allocator.decref(self.tables[:, keep:].ravel())
         self.tables = self.tables[:, :keep]
@@ -128,6 +147,11 @@ class BlockTables:
         self._tails_may_be_shared = True  # a shared full block may now be a partial tail
         if self.shared is not None:
             self.shared = self.shared.cropped(new_seq_len // self.block_size)
+        if self.partial is None:
+            return None
+        reopened = self.partial.after_crop(self.tables, new_seq_len, self.allocator.ref_counts)
+        self.partial.note(self.allocator.num_used)
+        return reopened
 
     def free(self) -> None:
         """Drop every row (the call's blocks go back to the free list)."""
@@ -135,6 +159,8 @@ class BlockTables:
         self.tables = np.zeros((0, 0), dtype=np.int64)
         self.seq_len = 0
         self.shared = None
+        if self.partial is not None:
+            self.partial.clear()
 
     def _num_new_columns(self, num_tokens: int) -> int:
         return cdiv(self.seq_len + num_tokens, self.block_size) - self.tables.shape[1]

@@ -57,12 +57,11 @@ def kv_snapshot(cache) -> dict | None:
         return None
     if isinstance(cache, PagedCache):
         bytes_per_token = sum(layer.bytes_per_token for layer in cache.layers)
-        per_block = cache.block_size * bytes_per_token
         rows, seq_len = cache.tables.num_rows, cache.tables.seq_len
         return dict(
             kind="paged", rows=rows, seq_len=seq_len, blocks_in_use=int(cache.allocator.num_used),
-            kv_bytes=int(cache.allocator.num_used) * per_block, pool_bytes=int(cache.allocator.capacity) * per_block,
-            dense_bytes=rows * seq_len * bytes_per_token,
+            kv_bytes=cache.kv_bytes(), pool_bytes=cache.stats().pool_bytes,
+            dense_bytes=rows * seq_len * bytes_per_token, kv_cache_dtype=cache.kv_cache_dtype,
         )
     layers = getattr(cache, "layers", None) or []
     tensors = [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
@@ -214,13 +213,14 @@ class GenerateRun:
 
 
 def run_generate(model, tokenizer, inputs: dict, *, paged: bool, seed: int = 0, block_size: int = 16,
-                 progress=None, **kwargs) -> GenerateRun:
-    """One `model.generate(**inputs, **kwargs)`, stock or paged, measured; leaves the model stock.
+                 progress=None, kv_cache_dtype: str = "auto", **kwargs) -> GenerateRun:
+    """One `model.generate(**inputs, **kwargs)`, stock or paged (blocks stored as `kv_cache_dtype`), measured; leaves
+    the model stock.
 
     progress: a tqdm-like object whose `update(1)` is called after every forward, or None.
     """
     if paged:
-        enable_paged_cache(model, block_size=block_size)
+        enable_paged_cache(model, block_size=block_size, kv_cache_dtype=kv_cache_dtype)
     else:
         disable_paged_cache(model)
     device = inputs["input_ids"].device
@@ -246,10 +246,11 @@ def run_generate(model, tokenizer, inputs: dict, *, paged: bool, seed: int = 0, 
 
 
 def compare(model, tokenizer, prompts, *, mode: str, width: int, new_tokens: int, seed: int = 0,
-            block_size: int = 16, progress: bool | None = False) -> dict:
+            block_size: int = 16, progress: bool | None = False, kv_cache_dtype: str = "auto") -> dict:
     """The same generate() call stock, then paged; both measured. Returns a dict (see `paged-generate demo --json`).
 
-    progress: show a tqdm bar per run (None: only on a terminal, tqdm's rule).
+    progress: show a tqdm bar per run (None: only on a terminal, tqdm's rule). kv_cache_dtype: how the paged run
+    stores full blocks ("int8" / "fp8" are lossy: `same_token_share` says how many tokens still equal stock's).
     """
     from tqdm import tqdm
 
@@ -261,10 +262,12 @@ def compare(model, tokenizer, prompts, *, mode: str, width: int, new_tokens: int
         with tqdm(total=new_tokens, desc=f"{mode_label(mode, width)} - {run}", unit="step", leave=False,
                   disable=progress if progress is None else not progress) as bar:
             runs[run] = run_generate(model, tokenizer, dict(inputs), paged=run == "paged", seed=seed,
-                                     block_size=block_size, progress=bar, **kwargs)
+                                     block_size=block_size, progress=bar, kv_cache_dtype=kv_cache_dtype, **kwargs)
     stock, paged = runs["stock"], runs["paged"]
+    same_shape = stock.sequences.shape == paged.sequences.shape
     return dict(
         mode=mode, label=mode_label(mode, width), width=width, prompts=len(prompts), new_tokens=new_tokens,
         rows=paged.stats.rows, identical=bool(torch.equal(stock.sequences, paged.sequences)),
-        stock=stock, paged=paged,
+        same_token_share=(stock.sequences == paged.sequences).float().mean().item() if same_shape else 0.0,
+        kv_cache_dtype=kv_cache_dtype, stock=stock, paged=paged,
     )

@@ -19,7 +19,8 @@ import importlib
 
 from ._triton import is_interpreting, triton_available
 from .grouping import GroupMembers, group_members
-from .limits import MAX_BLOCK_SIZE, MAX_HEAD_DIM, MIN_BLOCK_SIZE, SUPPORTED_DTYPES, kernels_serve
+from .limits import (MAX_BLOCK_SIZE, MAX_HEAD_DIM, MIN_BLOCK_SIZE, QUANTIZED_DTYPES, SUPPORTED_DTYPES, kernels_load,
+                     kernels_serve)
 from .reference import copy_blocks_reference, paged_attention_reference, write_kv_reference
 
 # Function name -> submodule. Submodules are named apart from the functions so that importing
@@ -35,6 +36,7 @@ _LAZY = {
     "copy_blocks": ".block_copy",
     "shared_prefix_paged_attention": ".shared_prefix",
     "shared_prefix_paged_attention_reference": ".shared_prefix_reference",
+    "dequantized_caches": ".quantized_reference",
     "full_block_tables": ".shared_prefix_reference",
 }
 
@@ -55,7 +57,10 @@ __all__ = [
     "GroupMembers",
     "shared_prefix_paged_attention_reference",
     "full_block_tables",
+    "dequantized_caches",
     "kernels_serve",
+    "kernels_load",
+    "QUANTIZED_DTYPES",
     "MAX_BLOCK_SIZE",
     "MAX_HEAD_DIM",
     "MIN_BLOCK_SIZE",

@@ -6,6 +6,10 @@ for the whole group and the M dimension of ``tl.dot`` reaches 16 even for decode
 walked in tiles of ``TILE_N`` logical positions, translated through the block table inside
 the kernel, with an online (flash) softmax. With more than one split, each program writes a
 partial (max, sum, acc) and ``split_reduce`` merges them (flash-decoding).
+
+With QUANTIZED, full blocks hold int8 / fp8 K/V and their scales, and each row's partial last block sits in a side
+pool in the query's dtype (``partial_slots``): the keys before the row's last block boundary are read compressed and
+dequantized in registers, the rest from the side pool, in one online softmax.
 """
 
 import torch
@@ -13,7 +17,7 @@ import torch
 from ._triton import (check_launchable, kernel_is_interpreted, multiprocessor_count, next_power_of_2, on_tensors_device,
                       tl, triton)
 from .bf16 import round_to_bf16
-from .limits import MAX_BLOCK_SIZE, MAX_HEAD_DIM, MIN_BLOCK_SIZE, SUPPORTED_DTYPES
+from .limits import MAX_BLOCK_SIZE, MAX_HEAD_DIM, MIN_BLOCK_SIZE, QUANTIZED_DTYPES, SUPPORTED_DTYPES
 from .split_reduce import launch_split_reduce, warm_up_split_reduce
 from .tiles import attend_tiles, split_tiles
 
@@ -54,6 +58,12 @@ def _paged_attention_kernel(
     scale,
     softcap,
     sliding_window,
+    key_scales_ptr,  # [num_blocks, num_kv_heads] fp32 (QUANTIZED only)
+    value_scales_ptr,
+    partial_key_ptr,  # [num_slots, block_size, num_kv_heads, head_dim], query dtype, key_cache's strides (QUANTIZED)
+    partial_value_ptr,
+    partial_slots_ptr,  # [num_rows] int32, the slot of the row's partial last block (QUANTIZED only)
+    stride_s_block,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,  # power of two >= HEAD_DIM; tl.arange needs it
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
@@ -67,6 +77,7 @@ def _paged_attention_kernel(
     USE_SOFTCAP: tl.constexpr,
     EMULATE_BF16: tl.constexpr,  # interpreting bf16: see bf16.py
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else None (backend default)
+    QUANTIZED: tl.constexpr,  # compressed full blocks + partial blocks in a side pool
 ):
     pid_rq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -116,13 +127,33 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    m_i, l_i, acc = attend_tiles(
-        q, m_i, l_i, acc, q_pos, tl.full([BLOCK_M], kv_lo, tl.int32), m_valid,
-        key_cache_ptr, value_cache_ptr, block_tables_ptr + row64 * stride_bt_row, 0,
-        k_begin, k_end, my_begin, my_end, kv_head.to(tl.int64) * stride_c_head, stride_c_block, stride_c_slot,
-        scale, softcap, sliding_window,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION,
-    )  # fmt: skip
+    q_lo = tl.full([BLOCK_M], kv_lo, tl.int32)
+    head_offset = kv_head.to(tl.int64) * stride_c_head
+    table = block_tables_ptr + row64 * stride_bt_row
+    if QUANTIZED:
+        # Keys before the row's last block boundary are in full, compressed blocks; the rest in its partial block.
+        full_len = seq_len // BLOCK_SIZE * BLOCK_SIZE
+        m_i, l_i, acc = attend_tiles(
+            q, m_i, l_i, acc, q_pos, q_lo, m_valid, key_cache_ptr, value_cache_ptr, table, 0,
+            k_begin, tl.minimum(k_end, full_len), my_begin, tl.minimum(my_end, tl.cdiv(full_len, TILE_N)),
+            head_offset, stride_c_block, stride_c_slot, scale, softcap, sliding_window,
+            key_scales_ptr, value_scales_ptr, stride_s_block, kv_head,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION, True,
+        )  # fmt: skip
+        m_i, l_i, acc = attend_tiles(
+            q, m_i, l_i, acc, q_pos, q_lo, m_valid, partial_key_ptr, partial_value_ptr, partial_slots_ptr + row,
+            full_len, tl.maximum(k_begin, full_len), k_end, tl.maximum(my_begin, full_len // TILE_N), my_end,
+            head_offset, stride_c_block, stride_c_slot, scale, softcap, sliding_window,
+            key_scales_ptr, value_scales_ptr, stride_s_block, kv_head,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION, False,
+        )  # fmt: skip
+    else:
+        m_i, l_i, acc = attend_tiles(
+            q, m_i, l_i, acc, q_pos, q_lo, m_valid, key_cache_ptr, value_cache_ptr, table, 0,
+            k_begin, k_end, my_begin, my_end, head_offset, stride_c_block, stride_c_slot,
+            scale, softcap, sliding_window, key_scales_ptr, value_scales_ptr, stride_s_block, kv_head,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION, False,
+        )  # fmt: skip
 
     # Flat (row, query token, q head) index: the layout of out and of the partials.
     out_index = (row64 * query_len + q_idx) * num_q_heads + q_head
@@ -160,8 +191,10 @@ def kernel_meta(
     sliding_window: bool,
     softcap: bool,
     emulate_bf16: bool = False,
+    quantized: bool = False,
 ) -> dict:
-    """The kernel's constexprs and launch options for one shape (also used to AOT-compile it in tests)."""
+    """The kernel's constexprs and launch options for one shape (also used to AOT-compile it in tests); `dtype` is the
+    query's (a compressed cache's pools hold int8 / fp8)."""
     group = num_q_heads // num_kv_heads
     group_pad = next_power_of_2(group)
     # Prefill takes ~64 tile rows; decode only what the group needs, but at least 16 since tl.dot has a minimum M.
@@ -180,7 +213,7 @@ def kernel_meta(
         BLOCK_M=block_m,
         # Key tiles span several blocks when blocks are small (block ids looked up per key): the online softmax then
         # rescales once per TILE_N keys, not once per block. Register pressure grows with head_dim.
-        TILE_N=tile_n(head_dim_pad, dtype),
+        TILE_N=tile_n(head_dim_pad, dtype, quantized),
         HAS_KV_START=has_kv_start,
         SLIDING_WINDOW=sliding_window,
         USE_SOFTCAP=softcap,
@@ -188,14 +221,16 @@ def kernel_meta(
         # fp32 caches exist for accuracy (tests, debugging): keep that dot in true fp32, not
         # tf32. None: the backend's default for 16-bit inputs (where the option does not apply).
         DOT_PRECISION="ieee" if dtype == torch.float32 or emulate_bf16 else None,
+        QUANTIZED=quantized,
         # What keeps sm_90 below 255 registers without spills (see tests/kernels/test_kernel_gpu_compile.py).
         num_warps=8 if block_m * head_dim_pad * dtype.itemsize >= 64 * 256 * 2 else 4,
     )
 
 
-def tile_n(head_dim_pad: int, dtype: torch.dtype) -> int:
-    """Keys per inner iteration of the attention kernels."""
-    if dtype == torch.float32:
+def tile_n(head_dim_pad: int, dtype: torch.dtype, quantized: bool = False) -> int:
+    """Keys per inner iteration of the attention kernels (compressed tiles hold their scales too: narrower at the
+    widest head_dim)."""
+    if dtype == torch.float32 or (quantized and head_dim_pad >= 256):
         return 16
     return 32 if head_dim_pad >= 256 else 64
 
@@ -269,6 +304,11 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     num_splits: int | None = None,
+    key_scales: torch.Tensor | None = None,  # [num_blocks, num_kv_heads] fp32: the caches are compressed
+    value_scales: torch.Tensor | None = None,
+    partial_key_cache: torch.Tensor | None = None,  # [num_slots, block_size, num_kv_heads, head_dim], query dtype
+    partial_value_cache: torch.Tensor | None = None,
+    partial_slots: torch.Tensor | None = None,  # [num_rows] int32, slot of the row's partial last block
 ) -> torch.Tensor:  # [num_rows, query_len, num_q_heads, head_dim], query dtype
     """Causal attention of ``query`` against each row's paged K/V (see ``paged_attention_reference``).
 
@@ -276,18 +316,57 @@ def paged_attention(
     ``kv_start[r] <= k <= position`` (and ``k > position - sliding_window``); a query that
     sees no key outputs zeros. ``num_splits`` forces the number of KV splits (1 = no
     flash-decoding); by default it is chosen from the grid size and an SM count.
+
+    Compressed caches (``key_scales`` given, see ``quantized_reference``): the caches hold int8 / fp8 full blocks,
+    each with a scale per kv head; a row's tokens past its last block boundary (``seq_lens[r] // block_size`` full
+    blocks) are read from ``partial_*_cache[partial_slots[r]]`` instead.
     """
-    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, kv_start, scale, sliding_window, softcap)
+    quantized = dict(key_scales=key_scales, value_scales=value_scales, partial_key_cache=partial_key_cache,
+                     partial_value_cache=partial_value_cache, partial_slots=partial_slots)
+    dense_key, dense_value = check_quantized(key_cache, value_cache, num_rows=query.shape[0], **quantized)
+    _check_inputs(query, dense_key, dense_value, block_tables, seq_lens, kv_start, scale, sliding_window, softcap)
     tensors = [query, key_cache, value_cache, block_tables, seq_lens] + ([kv_start] if kv_start is not None else [])
+    tensors += [t for t in quantized.values() if t is not None]
     check_launchable(_paged_attention_kernel, *tensors)
     return launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, scale=scale,
                                   kv_start=kv_start, sliding_window=sliding_window, softcap=softcap,
-                                  num_splits=num_splits)
+                                  num_splits=num_splits, **quantized)
+
+
+def check_quantized(key_cache, value_cache, *, num_rows, key_scales, value_scales, partial_key_cache,
+                    partial_value_cache, partial_slots) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks the compressed-cache arguments (all None, or all given and consistent); returns the pools whose dtype
+    and strides the other checks see: the partial pools (the query's dtype) when compressed, else the caches."""
+    given = [t is not None for t in (key_scales, value_scales, partial_key_cache, partial_value_cache, partial_slots)]
+    if not any(given):
+        return key_cache, value_cache
+    if not all(given):
+        raise ValueError("compressed caches need key_scales, value_scales, partial_key_cache, partial_value_cache and "
+                         "partial_slots together")
+    if key_cache.dtype not in QUANTIZED_DTYPES or value_cache.dtype != key_cache.dtype:
+        raise TypeError(f"compressed caches must be one of {QUANTIZED_DTYPES}, got {key_cache.dtype}, "
+                        f"{value_cache.dtype}")
+    num_blocks, _, num_kv_heads, _ = key_cache.shape
+    for name, scales in (("key_scales", key_scales), ("value_scales", value_scales)):
+        if scales.dtype != torch.float32 or scales.shape != (num_blocks, num_kv_heads) or scales.stride(1) != 1:
+            raise ValueError(f"{name} must be float32 [{num_blocks}, {num_kv_heads}] with contiguous heads, got "
+                             f"{scales.dtype} {tuple(scales.shape)}")
+    if value_scales.stride() != key_scales.stride():
+        raise ValueError("value_scales must have key_scales' strides")
+    for name, pool in (("partial_key_cache", partial_key_cache), ("partial_value_cache", partial_value_cache)):
+        if pool.shape[1:] != key_cache.shape[1:] or pool.stride() != key_cache.stride():
+            raise ValueError(f"{name} must be [num_slots, *key_cache.shape[1:]] with key_cache's strides, got "
+                             f"{tuple(pool.shape)} strides {pool.stride()}")
+    if partial_slots.dtype != torch.int32 or partial_slots.shape != (num_rows,):
+        raise ValueError(f"partial_slots must be int32 [{num_rows}], got {partial_slots.dtype} "
+                         f"{tuple(partial_slots.shape)}")
+    return partial_key_cache, partial_value_cache
 
 
 @on_tensors_device
 def launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, *, scale, kv_start=None,
-                           sliding_window=None, softcap=None, num_splits=None) -> torch.Tensor:
+                           sliding_window=None, softcap=None, num_splits=None, key_scales=None, value_scales=None,
+                           partial_key_cache=None, partial_value_cache=None, partial_slots=None) -> torch.Tensor:
     """``paged_attention`` without its argument checks, for callers that validated the shapes once per step."""
     num_rows, num_q_heads, query_len, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -310,6 +389,7 @@ def launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens
         sliding_window=sliding_window is not None,
         softcap=softcap is not None,
         emulate_bf16=query.dtype == torch.bfloat16 and kernel_is_interpreted(_paged_attention_kernel),
+        quantized=key_scales is not None,
     )
     num_q_blocks = triton.cdiv(query_len, meta["BLOCK_Q"])
     if num_splits is None:
@@ -351,6 +431,8 @@ def launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens
         float(scale),
         float(softcap) if softcap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
+        **quantized_args(key_cache, value_cache, seq_lens, key_scales, value_scales, partial_key_cache,
+                         partial_value_cache, partial_slots),
         **meta,
     )
     if split:
@@ -358,3 +440,14 @@ def launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens
     elif num_q_blocks == 1:
         warm_up_split_reduce(out, head_dim)  # rows growing past the split threshold then compile nothing mid-call
     return out
+
+
+def quantized_args(key_cache, value_cache, seq_lens, key_scales, value_scales, partial_key_cache, partial_value_cache,
+                   partial_slots) -> dict:
+    """The kernels' compressed-cache arguments; placeholders (never read without QUANTIZED) when not compressed."""
+    if key_scales is None:
+        return dict(key_scales_ptr=seq_lens, value_scales_ptr=seq_lens, partial_key_ptr=key_cache,
+                    partial_value_ptr=value_cache, partial_slots_ptr=seq_lens, stride_s_block=0)
+    return dict(key_scales_ptr=key_scales, value_scales_ptr=value_scales, partial_key_ptr=partial_key_cache,
+                partial_value_ptr=partial_value_cache, partial_slots_ptr=partial_slots,
+                stride_s_block=key_scales.stride(0))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .quantized_reference import dequantized_caches
+
 
 def attention_mask(
     query_positions: torch.Tensor,
@@ -38,12 +40,17 @@ def paged_attention_reference(
     sliding_window: int | None = None,
     softcap: float | None = None,
     num_splits: int | None = None,  # accepted for signature parity; splitting is a kernel detail
+    **quantized,  # compressed caches: key_scales, value_scales, partial_key_cache, partial_value_cache, partial_slots
 ) -> torch.Tensor:  # [num_rows, query_len, num_q_heads, head_dim]
     """Gathers each row's blocks and runs masked softmax attention in ``query.dtype``.
 
-    Only slots in ``[kv_start[r], seq_lens[r])`` are read; queries with no visible key get zeros.
+    Only slots in ``[kv_start[r], seq_lens[r])`` are read; queries with no visible key get zeros. A compressed cache
+    is read as ``dequantized_caches`` turns it into an ordinary one (dequantize, then attend).
     """
     del num_splits
+    if quantized.get("key_scales") is not None:
+        key_cache, value_cache, block_tables = dequantized_caches(key_cache, value_cache, block_tables, seq_lens,
+                                                                  **quantized)
     num_rows, num_q_heads, query_len, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads

@@ -18,12 +18,16 @@ Launches (all on the caller's stream, in order):
 
 Partial states use ``split_reduce``'s layout ``[num_rows, 1, num_q_heads, num_slots(, head_dim)]``:
 slots ``[0, prefix_splits)`` belong to the prefix kernel, the rest to the suffix kernel.
+
+With QUANTIZED (compressed caches, see ``attention.py``), shared blocks are full, hence compressed, and dequantized in
+registers; a row's own keys past its last block boundary come from its partial block in the side pool.
 """
 
 import torch
 
 from ._triton import check_launchable, kernel_is_interpreted, next_power_of_2, on_tensors_device, tl, triton
-from .attention import MAX_FORCED_SPLITS, _check_inputs, choose_num_splits, kernel_meta, tile_n
+from .attention import (MAX_FORCED_SPLITS, _check_inputs, check_quantized, choose_num_splits, kernel_meta,
+                        quantized_args, tile_n)
 from .bf16 import round_to_bf16
 from .grouping import GroupMembers, group_members
 from .split_reduce import launch_split_reduce, warm_up_split_reduce
@@ -68,6 +72,9 @@ def _prefix_kernel(
     scale,
     softcap,
     sliding_window,
+    key_scales_ptr,  # [num_blocks, num_kv_heads] fp32 (QUANTIZED only)
+    value_scales_ptr,
+    stride_s_block,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -80,6 +87,7 @@ def _prefix_kernel(
     USE_SOFTCAP: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANTIZED: tl.constexpr,  # shared blocks are compressed (all full)
 ):
     MEMBERS: tl.constexpr = BLOCK_M // GROUP_PAD
     pid = tl.program_id(0)
@@ -131,8 +139,9 @@ def _prefix_kernel(
         q, m_i, l_i, acc, q_pos, q_lo, m_valid,
         key_cache_ptr, value_cache_ptr, prefix_tables_ptr + group.to(tl.int64) * stride_pt_group, 0,
         load_lo, load_hi, my_begin, my_end, kv_head.to(tl.int64) * stride_c_head, stride_c_block, stride_c_slot,
-        scale, softcap, sliding_window,
+        scale, softcap, sliding_window, key_scales_ptr, value_scales_ptr, stride_s_block, kv_head,
         HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION,
+        QUANTIZED,
     )  # fmt: skip
 
     # Every live query writes its slot, even with nothing visible (m = -inf, l = 0, acc = 0).
@@ -169,6 +178,12 @@ def _suffix_kernel(
     scale,
     softcap,
     sliding_window,
+    key_scales_ptr,  # [num_blocks, num_kv_heads] fp32 (QUANTIZED only)
+    value_scales_ptr,
+    partial_key_ptr,  # [num_slots, block_size, num_kv_heads, head_dim], key_cache's strides (QUANTIZED only)
+    partial_value_ptr,
+    partial_slots_ptr,  # [num_rows] int32 (QUANTIZED only)
+    stride_s_block,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -182,6 +197,7 @@ def _suffix_kernel(
     EMULATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CAN_MERGE: tl.constexpr,  # whether one suffix split merges (else split_reduce always does)
+    QUANTIZED: tl.constexpr,  # compressed full blocks + the row's partial block in the side pool
 ):
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -220,13 +236,32 @@ def _suffix_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     q_pos_m = tl.zeros([BLOCK_M], tl.int32) + q_pos
     q_lo_m = tl.zeros([BLOCK_M], tl.int32) + kv_lo
-    m_i, l_i, acc = attend_tiles(
-        q, m_i, l_i, acc, q_pos_m, q_lo_m, m_valid,
-        key_cache_ptr, value_cache_ptr, suffix_tables_ptr + row * stride_st_row, prefix_len,
-        load_lo, load_hi, my_begin, my_end, kv_head.to(tl.int64) * stride_c_head, stride_c_block, stride_c_slot,
-        scale, softcap, sliding_window,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION,
-    )  # fmt: skip
+    head_offset = kv_head.to(tl.int64) * stride_c_head
+    table = suffix_tables_ptr + row * stride_st_row
+    if QUANTIZED:
+        # Own keys before the row's last block boundary are in full, compressed blocks; the rest in its partial block.
+        full_len = (q_pos + 1) // BLOCK_SIZE * BLOCK_SIZE
+        m_i, l_i, acc = attend_tiles(
+            q, m_i, l_i, acc, q_pos_m, q_lo_m, m_valid, key_cache_ptr, value_cache_ptr, table, prefix_len,
+            load_lo, tl.minimum(load_hi, full_len), my_begin, tl.minimum(my_end, tl.cdiv(full_len, TILE_N)),
+            head_offset, stride_c_block, stride_c_slot, scale, softcap, sliding_window,
+            key_scales_ptr, value_scales_ptr, stride_s_block, kv_head,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION, True,
+        )  # fmt: skip
+        m_i, l_i, acc = attend_tiles(
+            q, m_i, l_i, acc, q_pos_m, q_lo_m, m_valid, partial_key_ptr, partial_value_ptr, partial_slots_ptr + row,
+            full_len, tl.maximum(load_lo, full_len), load_hi, tl.maximum(my_begin, full_len // TILE_N), my_end,
+            head_offset, stride_c_block, stride_c_slot, scale, softcap, sliding_window,
+            key_scales_ptr, value_scales_ptr, stride_s_block, kv_head,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION, False,
+        )  # fmt: skip
+    else:
+        m_i, l_i, acc = attend_tiles(
+            q, m_i, l_i, acc, q_pos_m, q_lo_m, m_valid, key_cache_ptr, value_cache_ptr, table, prefix_len,
+            load_lo, load_hi, my_begin, my_end, head_offset, stride_c_block, stride_c_slot,
+            scale, softcap, sliding_window, key_scales_ptr, value_scales_ptr, stride_s_block, kv_head,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, EMULATE_BF16, DOT_PRECISION, False,
+        )  # fmt: skip
 
     head_index = row * num_q_heads + q_head  # flat (row, q head): the layout of out and of the partials
     # One suffix split merges the prefix partials and writes out; a runtime branch, as the split count changes as
@@ -268,24 +303,27 @@ def _suffix_kernel(
 
 def prefix_meta(*, max_group_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                 dtype: torch.dtype, has_kv_start: bool, sliding_window: bool, softcap: bool,
-                emulate_bf16: bool = False) -> dict:  # fmt: skip
+                emulate_bf16: bool = False, quantized: bool = False) -> dict:  # fmt: skip
     """The prefix kernel's constexprs and launch options (also used to AOT-compile it in tests)."""
     base = kernel_meta(
         query_len=1, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
         dtype=dtype, has_kv_start=has_kv_start, sliding_window=sliding_window, softcap=softcap,
-        emulate_bf16=emulate_bf16,
+        emulate_bf16=emulate_bf16, quantized=quantized,
     )  # fmt: skip
     group_pad = base["GROUP_PAD"]
     max_m = PREFIX_MAX_M if dtype != torch.float32 else 16  # fp32: see kernel_meta
+    if quantized and base["HEAD_DIM_PAD"] >= 256:
+        max_m = 16  # the scales' registers: wider tiles spill at head_dim 256 on sm_90
     block_m = max(16, group_pad, min(next_power_of_2(max(max_group_size, 1) * group_pad), max_m))
     head_dim_pad = base["HEAD_DIM_PAD"]
     meta = {k: base[k] for k in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_SIZE", "GROUP", "GROUP_PAD", "HAS_KV_START",
-                                 "SLIDING_WINDOW", "USE_SOFTCAP", "EMULATE_BF16", "DOT_PRECISION")}  # fmt: skip
+                                 "SLIDING_WINDOW", "USE_SOFTCAP", "EMULATE_BF16", "DOT_PRECISION",
+                                 "QUANTIZED")}  # fmt: skip
     # The prefix is read once per tile of queries, so take wide key tiles (several blocks per tile when blocks are
     # small: looked up per key). Warps: what keeps sm_90 below 255 registers without spills with Triton 3.6 to 3.9
     # (tests/kernels/test_kernel_gpu_compile.py); 16-row 16-bit tiles spill at 8 warps, where ptxas keeps 128 registers.
     wide = block_m * head_dim_pad * dtype.itemsize >= 32 * 128 * 2 and (block_m >= 32 or dtype == torch.float32)
-    meta.update(BLOCK_M=block_m, TILE_N=tile_n(head_dim_pad, dtype), num_warps=8 if wide else 4)
+    meta.update(BLOCK_M=block_m, TILE_N=tile_n(head_dim_pad, dtype, quantized), num_warps=8 if wide else 4)
     return meta
 
 
@@ -331,6 +369,11 @@ def shared_prefix_paged_attention(
     members: GroupMembers | None = None,  # group_members(row_group, num_groups), if already at hand
     num_splits: int | None = None,  # splits of each group's prefix (default: from the grid size)
     suffix_splits: int | None = None,  # splits of each row's own keys (default: from the grid size)
+    key_scales: torch.Tensor | None = None,  # compressed caches: as `paged_attention` takes them
+    value_scales: torch.Tensor | None = None,
+    partial_key_cache: torch.Tensor | None = None,
+    partial_value_cache: torch.Tensor | None = None,
+    partial_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_rows, 1, num_q_heads, head_dim], query dtype
     """Decode attention of rows grouped by shared leading blocks; the same result as ``paged_attention``
     of each row over its full table (prefix blocks, then own blocks): see ``shared_prefix_paged_attention_reference``.
@@ -347,12 +390,16 @@ def shared_prefix_paged_attention(
     if query.dim() == 4 and query.shape[2] != 1:
         raise ValueError(f"shared-prefix attention is for decode (query_len 1), got query_len {query.shape[2]}")
     num_rows = query.shape[0]
+    quantized = dict(key_scales=key_scales, value_scales=value_scales, partial_key_cache=partial_key_cache,
+                     partial_value_cache=partial_value_cache, partial_slots=partial_slots)
+    dense_key, dense_value = check_quantized(key_cache, value_cache, num_rows=num_rows, **quantized)
     # paged_attention's checks of everything but the tables (given an empty, valid one).
     empty_table = torch.empty(num_rows, 0, dtype=torch.int32, device=query.device)
-    _check_inputs(query, key_cache, value_cache, empty_table, seq_lens, kv_start, scale, sliding_window, softcap)
+    _check_inputs(query, dense_key, dense_value, empty_table, seq_lens, kv_start, scale, sliding_window, softcap)
     _check_grouping(num_rows, row_group, prefix_tables, prefix_len, suffix_tables, query.device)
     num_groups = prefix_tables.shape[0]
     optional = [kv_start] if kv_start is not None else []
+    optional += [t for t in quantized.values() if t is not None]
     check_launchable(_suffix_kernel, query, key_cache, value_cache, row_group, prefix_tables, prefix_len,
                      suffix_tables, seq_lens, *optional)  # fmt: skip
     if members is None:
@@ -362,7 +409,7 @@ def shared_prefix_paged_attention(
     return launch_shared_prefix_paged_attention(
         query, key_cache, value_cache, row_group=row_group, prefix_tables=prefix_tables, prefix_len=prefix_len,
         suffix_tables=suffix_tables, seq_lens=seq_lens, scale=scale, kv_start=kv_start, sliding_window=sliding_window,
-        softcap=softcap, members=members, num_splits=num_splits, suffix_splits=suffix_splits,
+        softcap=softcap, members=members, num_splits=num_splits, suffix_splits=suffix_splits, **quantized,
     )
 
 
@@ -370,7 +417,9 @@ def shared_prefix_paged_attention(
 def launch_shared_prefix_paged_attention(query, key_cache, value_cache, *, row_group, prefix_tables, prefix_len,
                                          suffix_tables, seq_lens, scale, kv_start=None, sliding_window=None,
                                          softcap=None, members: GroupMembers, num_splits=None,
-                                         suffix_splits=None) -> torch.Tensor:  # fmt: skip
+                                         suffix_splits=None, key_scales=None, value_scales=None,
+                                         partial_key_cache=None, partial_value_cache=None,
+                                         partial_slots=None) -> torch.Tensor:  # fmt: skip
     """``shared_prefix_paged_attention`` without its argument checks, for callers that validated the shapes once per
     step; ``members`` is required."""
     num_rows, num_q_heads, _, head_dim = query.shape
@@ -389,7 +438,8 @@ def launch_shared_prefix_paged_attention(query, key_cache, value_cache, *, row_g
     emulate_bf16 = query.dtype == torch.bfloat16 and kernel_is_interpreted(_suffix_kernel)
     shape = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
                  dtype=query.dtype, has_kv_start=kv_start is not None, sliding_window=sliding_window is not None,
-                 softcap=softcap is not None, emulate_bf16=emulate_bf16)  # fmt: skip
+                 softcap=softcap is not None, emulate_bf16=emulate_bf16,
+                 quantized=key_scales is not None)  # fmt: skip
     run_prefix = num_groups > 0 and members.max_group_size > 0 and prefix_tables.shape[1] > 0
     pmeta = prefix_meta(max_group_size=members.max_group_size, **shape)
     m_tiles = triton.cdiv(members.max_group_size * pmeta["GROUP_PAD"], pmeta["BLOCK_M"])
@@ -419,19 +469,22 @@ def launch_shared_prefix_paged_attention(query, key_cache, value_cache, *, row_g
     cache_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2))
     kv_start_arg = kv_start if kv_start is not None else seq_lens  # never read without HAS_KV_START
 
+    storage = quantized_args(key_cache, value_cache, seq_lens, key_scales, value_scales, partial_key_cache,
+                             partial_value_cache, partial_slots)
     if run_prefix:
         _prefix_kernel[prefix_grid(m_tiles, num_groups, num_kv_heads, num_splits)](
             part_max, part_sum, part_acc, query, key_cache, value_cache,
             prefix_tables, prefix_len, members.group_start, members.member_rows, seq_lens, kv_start_arg,
             *query_strides, *cache_strides, prefix_tables.stride(0),
             num_kv_heads, num_q_heads, num_slots, m_tiles, *features,
-            **pmeta,
+            key_scales_ptr=storage["key_scales_ptr"], value_scales_ptr=storage["value_scales_ptr"],
+            stride_s_block=storage["stride_s_block"], **pmeta,
         )  # fmt: skip
     _suffix_kernel[(num_rows, num_kv_heads, suffix_splits)](
         out, part_max, part_sum, part_acc, query, key_cache, value_cache,
         suffix_tables, row_group, prefix_len, seq_lens, kv_start_arg,
         *query_strides, *cache_strides, suffix_tables.stride(0),
-        num_q_heads, num_slots, num_splits, *features,
+        num_q_heads, num_slots, num_splits, *features, **storage,
         **smeta,
     )  # fmt: skip
     if not merge:

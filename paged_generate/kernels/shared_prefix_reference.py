@@ -55,6 +55,7 @@ def shared_prefix_paged_attention_reference(
     members=None,  # the kernel's launch options, accepted for signature parity
     num_splits: int | None = None,
     suffix_splits: int | None = None,
+    **quantized,  # compressed caches, as `paged_attention_reference` takes them
 ) -> torch.Tensor:  # [num_rows, 1, num_q_heads, head_dim]
     """``paged_attention_reference`` of each row over its full table (computed in ``query.dtype``)."""
     del members, num_splits, suffix_splits
@@ -63,5 +64,5 @@ def shared_prefix_paged_attention_reference(
     tables = full_block_tables(row_group, prefix_tables, prefix_len, suffix_tables, seq_lens, key_cache.shape[1])
     return paged_attention_reference(
         query, key_cache, value_cache, tables, seq_lens, scale=scale, kv_start=kv_start,
-        sliding_window=sliding_window, softcap=softcap,
+        sliding_window=sliding_window, softcap=softcap, **quantized,
     )  # fmt: skip

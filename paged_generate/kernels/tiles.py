@@ -1,5 +1,10 @@
 """The inner loop every paged attention kernel shares: online softmax over key tiles read through a block table.
 
+With QUANTIZED, the blocks hold int8 / fp8 K/V with one fp32 scale per (block, kv head), dequantized in registers and
+never written back: a tile is converted to the query's dtype exactly (int8 and e4m3 values are representable in
+fp16 / bf16) and the scales, one per key, multiply the scores (K) and the probabilities (V). The same products as
+scaling the tile first (`kernels.quantized_reference`), without an fp32 copy of it.
+
 Kernel modules do not use ``from __future__ import annotations``: Triton reads constexpr parameters from their
 annotations, which must be the real ``tl.constexpr`` objects.
 """
@@ -32,6 +37,10 @@ def attend_tiles(
     scale,
     softcap,
     sliding_window,
+    key_scales_ptr,  # [num_blocks, num_kv_heads] fp32 (QUANTIZED only)
+    value_scales_ptr,
+    stride_s_block,
+    kv_head,  # this program's kv head: the column of the scales
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -40,6 +49,7 @@ def attend_tiles(
     USE_SOFTCAP: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANTIZED: tl.constexpr,
 ):
     """Online-softmax attention of the query tile over key tiles read through one block table."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -56,17 +66,28 @@ def attend_tiles(
             # table_pos is block aligned, so the tile lies inside one block.
             block_id = tl.load(table_ptr + (tile * TILE_N - table_pos) // BLOCK_SIZE).to(tl.int64)
             slot_offsets = block_id * stride_c_block + (local % BLOCK_SIZE).to(tl.int64) * stride_c_slot
+            if QUANTIZED:  # one block: one scale each
+                k_scale = tl.load(key_scales_ptr + block_id * stride_s_block + kv_head)
+                v_scale = tl.load(value_scales_ptr + block_id * stride_s_block + kv_head)
         else:
             block_ids = tl.load(table_ptr + local // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
             slot_offsets = block_ids * stride_c_block + (local % BLOCK_SIZE).to(tl.int64) * stride_c_slot
+            if QUANTIZED:  # [1, TILE_N]: each key's block's scale, along the scores' key axis
+                scale_offsets = block_ids * stride_s_block + kv_head
+                k_scale = tl.load(key_scales_ptr + scale_offsets, mask=kv_valid, other=0.0)[None, :]
+                v_scale = tl.load(value_scales_ptr + scale_offsets, mask=kv_valid, other=0.0)[None, :]
         kv_offsets = slot_offsets[:, None] + head_offset + offs_d[None, :]
         kv_mask = kv_valid[:, None] & d_valid[None, :]
         k = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [TILE_N, HEAD_DIM_PAD]
         v = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        if QUANTIZED:
+            k = k.to(q.dtype)  # exact
         if EMULATE_BF16:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if QUANTIZED:
+            s = s * k_scale
         if USE_SOFTCAP:
             s = (softcap * LOG2E) * tanh(s * (scale / softcap))
         else:
@@ -85,11 +106,16 @@ def attend_tiles(
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if QUANTIZED:  # P @ (V * scale) as (P * scale) @ V
+            v = v.to(q.dtype)  # exact
+            p_v = p * v_scale
+        else:
+            p_v = p
         # P is rounded to the cache dtype for the tensor-core dot, as flash-attention does.
         if EMULATE_BF16:
-            acc += tl.dot(round_to_bf16(p), v.to(tl.float32), input_precision=DOT_PRECISION)
+            acc += tl.dot(round_to_bf16(p_v), v.to(tl.float32), input_precision=DOT_PRECISION)
         else:
-            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc += tl.dot(p_v.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return m_i, l_i, acc
 

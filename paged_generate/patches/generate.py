@@ -68,6 +68,7 @@ class PluginState:
     max_blocks: int | None
     attn_implementation: Any
     backend: str = "auto"
+    kv_cache_dtype: str = "auto"
     last_stats: CacheStats | None = None
     current_call: ContextVar = field(default_factory=lambda: ContextVar("paged_generate_call", default=None))
     # Lists that every cache this model's calls create is appended to (see capture.py).
@@ -75,7 +76,7 @@ class PluginState:
 
     def new_cache(self, model) -> PagedCache:
         cache = PagedCache.from_model(model, block_size=self.block_size, max_blocks=self.max_blocks,
-                                      backend=self.backend)
+                                      backend=self.backend, kv_cache_dtype=self.kv_cache_dtype)
         for watcher in self.watchers:
             watcher.append(cache)
         return cache

@@ -80,3 +80,20 @@ def test_benchmarks_run_on_cpu_with_the_wall_clock(bench, device):
     shared = bench.run_all(bench.bench_shared, [(2, 32)], None, 1, device, own=8)
     decode = bench.run_all(bench.bench_decode, [(1, 32)], None, 1, device)
     assert shared[0]["speedup"] > 0 and decode[0]["vs_sdpa"] > 0
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_compressed_check_passes_under_the_interpreter(bench, device, kv_cache_dtype):
+    errors = bench.check_compressed(device, kv_cache_dtype)
+    assert len(errors) == 3
+
+
+def test_compressed_case_holds_the_rows_partial_blocks(bench, device):
+    case = bench.decode_case(3, 40, device)
+    case["seq_lens"] = torch.tensor([40, 32, 17], dtype=torch.int32, device=device)
+    compressed = bench.compressed_case(case, "int8")
+    assert compressed["key_cache"].dtype == torch.int8 and compressed["key_scales"].shape == (case["key_cache"].shape[0],
+                                                                                               bench.NUM_KV_HEADS)
+    assert compressed["partial_slots"].tolist() == [0, -1, 1]  # rows of 32 tokens end on a block boundary
+    last = case["block_tables"][[0, 2], [2, 1]].long()
+    assert torch.equal(compressed["partial_key_cache"], case["key_cache"][last])
