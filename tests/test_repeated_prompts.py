@@ -17,7 +17,7 @@ from paged_generate import OutOfBlocksError, cache_stats, capture_caches, disabl
 from paged_generate.attention import dispatch, split_rule
 from paged_generate.patches import prefill_once
 from paged_generate.patches.prefill_once import equal_prompts
-from tiny_models import COMMON, left_padded_prompts, tiny_model
+from tiny_models import left_padded_prompts, tiny_model
 
 ORDER = [0, 1, 0, 2, 1, 0]  # prompts a, b, a, c, b, a: three distinct, equal ones apart
 MODES = {
