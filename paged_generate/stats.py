@@ -15,7 +15,8 @@ class CacheStats:
     pool_bytes: bytes the pools reserved (their largest size during the call).
     dense_kv_bytes: rows x longest length x bytes per token summed over layers: the stock cache at its peak.
     saving: 1 - peak_kv_bytes / dense_kv_bytes.
-    prefill_rows: rows the prompt forward ran on (distinct prompts, when prefill-once applied).
+    prefill_rows: rows the prompt forward ran on: the distinct prompts, when prefill-once applied (the beams /
+        samples of a prompt, and rows repeating a prompt, share its computation), else every row.
     """
 
     block_size: int

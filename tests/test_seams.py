@@ -265,3 +265,27 @@ def test_attention_modules_are_found_by_their_conventions():
         found = attention_modules(model)
         assert len(found) == layers and sorted(module.layer_idx for module in found) == list(range(layers)), _moved(
             f"{name}'s attention modules no longer carry an int `layer_idx` and `is_causal`")
+
+
+def test_prompt_forward_tensors_of_a_text_prompt_are_row_inputs():
+    # prefill_once.equal_prompts compares the rows of the inputs it knows to be one per row and merges nothing when
+    # another tensor reaches the prompt forward: a new per-row input from generate() would silently end the merging.
+    from family_models import BY_NAME
+    from paged_generate.patches.prefill_once import _CACHE_KEYS, _ROW_INPUTS, _batch_dim, _holds_tensors
+
+    for name in ("Llama", "Qwen2-VL"):  # Qwen2-VL: multimodal position ids, rows along dimension 1
+        model = BY_NAME[name].build()
+        seen = {}
+        prefill = model._prefill
+
+        def spy(input_ids, generation_config, model_kwargs, *args, **kwargs):
+            seen.update(model_kwargs)
+            return prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+        model._prefill = spy
+        input_ids = torch.tensor([[0, 8, 9, 10], [4, 5, 6, 7], [0, 8, 9, 10]])
+        model.generate(input_ids, attention_mask=(input_ids > 0).long(), max_new_tokens=1, pad_token_id=0)
+        tensors = {key: value for key, value in seen.items() if key not in _CACHE_KEYS and _holds_tensors(value)}
+        assert set(tensors) <= _ROW_INPUTS, _moved(f"{name}'s prompt forward takes {sorted(set(tensors) - _ROW_INPUTS)}")
+        assert all(value.shape[_batch_dim(key, value)] == 3 for key, value in tensors.items()), _moved(
+            f"{name}'s prompt forward inputs hold rows along another dimension")

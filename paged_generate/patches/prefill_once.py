@@ -95,7 +95,8 @@ class PrefillRows:
 
 
 def prefill_once(original, prompt_inputs_of):
-    """`_prefill` computing each prompt once; `prompt_inputs_of()` gives the call's `PromptInputs` (or None)."""
+    """`_prefill` computing each distinct prompt once; `prompt_inputs_of()` gives the call's `PromptInputs` (or None,
+    where generate() repeated nothing)."""
 
     def prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True, *args, **kwargs):
         cache = model_kwargs.get(CACHE_KWARG)
