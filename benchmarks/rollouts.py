@@ -15,7 +15,8 @@ weights, fp32), `new-tokens` sampled tokens forced per row:
 
 The repeated-rows run should take what the num_return_sequences run takes: the same peak KV (the script fails
 otherwise) and the same time. Peak KV is the paged cache's blocks in use at the peak; stock's is its `DynamicCache`
-at the peak (rows x longest length). The distinct-token bound is the prompts once plus every row's own new tokens.
+at the peak (rows x longest length). The distinct-token bound is the prompts once plus every row's own new tokens (blocks
+round it up: the last block of a row is whole).
 
 Each round runs the three ways in rotating order after one warm-up round; the warm-up round also runs stock with
 num_return_sequences. Every paged run must give its stock run's tokens (repeated rows against stock repeated rows,
@@ -110,9 +111,10 @@ def main(argv=None) -> int:
 
     rows = args.prompts * args.generations
     reference = stats["paged, repeated rows"]
-    dense = reference.dense_kv_bytes  # stock's DynamicCache at its peak: rows x (prompt + new) tokens
-    bytes_per_token = dense / (rows * (args.prompt_len + args.new_tokens))
-    bound = (args.prompts * args.prompt_len + rows * args.new_tokens) * bytes_per_token
+    # Stock's DynamicCache at its peak: rows x the longest length (the last sampled token is never written).
+    dense = reference.dense_kv_bytes
+    bytes_per_token = dense // (rows * reference.max_seq_len)
+    bound = (args.prompts * args.prompt_len + rows * (reference.max_seq_len - args.prompt_len)) * bytes_per_token
     stock_s = statistics.median(times["stock, repeated rows"])
     print(f"model: 4-layer, {args.prompts} prompts x {args.generations} generations = {rows} rows, prompt "
           f"{args.prompt_len}, {args.new_tokens} new tokens sampled; distinct-token bound {bound / 2**20:.2f} MiB "

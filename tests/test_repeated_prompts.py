@@ -113,7 +113,8 @@ def test_a_single_row_is_not_compared(model, monkeypatch):
 
 def test_repeated_rows_take_what_num_return_sequences_takes(model):
     """TRL's layout (each prompt `g` times, adjacent) against the same prompts with `num_return_sequences=g`: same
-    samples (generate() lays the rows out alike), same blocks at the peak, same pool."""
+    samples (generate() lays the rows out alike), and the cache does the same work: the same block tables and
+    copy-on-write copies at every step, the same blocks at the peak, the same pool."""
     generations = 4
     prompts = _repeated(order=[0, 1], lengths=(53, 40))
     repeated = {key: value.repeat_interleave(generations, dim=0) if isinstance(value, torch.Tensor) else value
@@ -128,6 +129,21 @@ def test_repeated_rows_take_what_num_return_sequences_takes(model):
     for figure in ("peak_blocks", "peak_kv_bytes", "pool_bytes", "dense_kv_bytes", "rows"):
         assert getattr(rows_stats, figure) == getattr(samples_stats, figure), figure
     assert rows_stats.saving > 0.3
+
+    enable_paged_cache(model)
+    try:
+        with capture_caches(model, record_steps=True) as rows_run:
+            torch.manual_seed(9)
+            model.generate(**repeated, **common)
+        with capture_caches(model, record_steps=True) as samples_run:
+            torch.manual_seed(9)
+            model.generate(**prompts, **common, num_return_sequences=generations)
+    finally:
+        disable_paged_cache(model)
+    assert len(rows_run.steps) == len(samples_run.steps) == common["max_new_tokens"]
+    for step, (ours, theirs) in enumerate(zip(rows_run.steps, samples_run.steps)):
+        assert np.array_equal(ours.block_tables, theirs.block_tables), f"step {step}"
+        assert np.array_equal(ours.copied, theirs.copied), f"step {step}"
 
 
 def test_groups_of_equal_prompts_share_prefix_attention_wherever_their_rows_sit(model, monkeypatch):
