@@ -124,8 +124,8 @@ def prefill_once(original, prompt_inputs_of):
 
 
 def _plan(model, cache, input_ids, generation_config, model_kwargs, prompt_inputs: PromptInputs | None):
-    """(rows, the forward's inputs) when the prompt forward can run once per distinct prompt and some rows share one,
-    else None (stock's prefill)."""
+    """(rows, the forward's inputs) when the prompt forward can run on fewer rows than generate() expects (the beams /
+    samples of a prompt, rows repeating a prompt), else None (stock's prefill)."""
     expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     num_rows = input_ids.shape[0]
     if (
