@@ -18,7 +18,8 @@ class CacheStats:
     dense_kv_bytes: rows x longest length x bytes per token (in the model's dtype) summed over layers: the stock cache
         at its peak.
     saving: 1 - peak_kv_bytes / dense_kv_bytes: against stock, sharing and compression together.
-    prefill_rows: rows the prompt forward ran on (distinct prompts, when prefill-once applied).
+    prefill_rows: rows the prompt forward ran on: the distinct prompts, when prefill-once applied (the beams /
+        samples of a prompt, and rows repeating a prompt, share its computation), else every row.
     kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8": how full blocks were stored.
     """
 

@@ -286,3 +286,27 @@ def test_mask_function_structure_read_by_mask_functions():
                   mu.bidirectional_mask_function, mu.sliding_window_overlay(3),
                   mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)), lambda b, h, q, kv: kv <= q):
         assert causal_window(other) == (False, None), (version, other)
+
+
+def test_prompt_forward_tensors_of_a_text_prompt_are_row_inputs():
+    # prefill_once.equal_prompts compares the rows of the inputs it knows to be one per row and merges nothing when
+    # another tensor reaches the prompt forward: a new per-row input from generate() would silently end the merging.
+    from family_models import BY_NAME
+    from paged_generate.patches.prefill_once import _CACHE_KEYS, _ROW_INPUTS, _batch_dim, _holds_tensors
+
+    for name in ("Llama", "Qwen2-VL"):  # Qwen2-VL: multimodal position ids, rows along dimension 1
+        model = BY_NAME[name].build()
+        seen = {}
+        prefill = model._prefill
+
+        def spy(input_ids, generation_config, model_kwargs, *args, **kwargs):
+            seen.update(model_kwargs)
+            return prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+        model._prefill = spy
+        input_ids = torch.tensor([[0, 8, 9, 10], [4, 5, 6, 7], [0, 8, 9, 10]])
+        model.generate(input_ids, attention_mask=(input_ids > 0).long(), max_new_tokens=1, pad_token_id=0)
+        tensors = {key: value for key, value in seen.items() if key not in _CACHE_KEYS and _holds_tensors(value)}
+        assert set(tensors) <= _ROW_INPUTS, _moved(f"{name}'s prompt forward takes {sorted(set(tensors) - _ROW_INPUTS)}")
+        assert all(value.shape[_batch_dim(key, value)] == 3 for key, value in tensors.items()), _moved(
+            f"{name}'s prompt forward inputs hold rows along another dimension")

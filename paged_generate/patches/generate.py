@@ -5,7 +5,7 @@
   its K/V for the next call, as stock's does, until the caller drops it.
 - `_prepare_cache_for_generation`: builds a `PagedCache` where generate() would build its default `DynamicCache`.
 - `_expand_inputs_for_generation`: notes the inputs as they were before generate() repeated them per beam / sample.
-- `_prefill`: runs the prompt forward once per prompt (see prefill_once.py).
+- `_prefill`: runs the prompt forward once per distinct prompt (see prefill_once.py).
 
 Deleting the instance attributes (`uninstall`) restores the class methods exactly.
 """

@@ -1,11 +1,13 @@
-"""Prefill once: the prompt forward runs on each prompt once, not once per beam / sample.
+"""Prefill once: the prompt forward runs on each distinct prompt once, not once per beam / sample / repeated row.
 
 generate() repeats every prompt's inputs `expand = max(num_beams, num_return_sequences)` times before the prompt
 forward (`_expand_inputs_for_generation`, which families override: Qwen2-VL repeats its images per prompt,
 transformers >= 5.24 repeats the vision tower's outputs). Rather than invert each family's expansion, the inputs are
-kept as they were just before it (`PromptInputs`), and the prompt forward runs on those. Its outputs are then spread
-to every row generate() expects (`PrefillRows`: which rows are computed, and the computed row each row takes), and
-the cache forks the computed rows' blocks the same way, so the rest of generate() sees what it expects.
+kept as they were just before it (`PromptInputs`), and the prompt forward runs on those. Callers also repeat prompts
+themselves (TRL's GRPO trainer passes every prompt `num_generations` times as rows): prompts whose inputs are equal in
+every row input (`equal_prompts`) are computed once, wherever they sit in the batch. The forward's outputs are then
+spread to every row generate() expects (`PrefillRows`: which rows are computed, and the computed row each row takes),
+and the cache forks the computed rows' blocks the same way, so the rest of generate() sees what it expects.
 """
 
 from __future__ import annotations
@@ -20,9 +22,18 @@ from transformers.utils import ModelOutput
 from ..cache import PagedCache
 from .compat import CACHE_KWARG
 
-__all__ = ["PrefillRows", "PromptInputs", "capture_prompt_inputs", "prefill_once"]
+__all__ = ["PrefillRows", "PromptInputs", "capture_prompt_inputs", "equal_prompts", "prefill_once"]
 
 _CACHE_KEYS = ("cache", "past_key_values")
+# Inputs of the prompt forward holding one entry per row (along dimension 0, or 1 for the [3 or 4, rows, len]
+# multimodal position ids): equal prompts agree in all of them. Any other tensor input (images, their grids, encoder
+# outputs) is not one per row in general, so which rows it belongs to is unknown: rows are then not merged.
+_ROW_INPUTS = frozenset({"attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids", "inputs_embeds"})
+_DROPOUTS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+             torch.nn.FeatureAlphaDropout)
+_DROPOUT_RATES = ("attention_dropout", "attn_dropout", "dropout")  # float attributes of attention modules
+# Compared bit for bit: floats as the integers of the same size, so that 0.0 and -0.0 differ and NaN equals itself.
+_BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,8 @@ class PrefillRows:
         blocks from
 
     The forward's inputs come one copy per prompt (`_prompt_inputs`): a plan computing only some prompts (equal
-    prompts computed once) must pick those prompts from them, which row inputs allow (their first dimension) and
-    inputs not one per prompt (images) do not.
+    prompts computed once) picks those prompts from them, which row inputs allow (`_ROW_INPUTS`) and inputs not one
+    per prompt (images) do not.
     """
 
     computed: np.ndarray
@@ -70,13 +81,22 @@ class PrefillRows:
         """Rows [p0, p0, p0, p1, p1, p1] (generate() repeats each prompt in place): compute p0 and p1."""
         return cls(computed=np.arange(0, num_rows, expand), source=np.arange(num_rows) // expand)
 
+    @classmethod
+    def of_prompts(cls, distinct_of: np.ndarray, expand: int) -> "PrefillRows":
+        """Prompts [a, b, a] each repeated `expand` times in place (rows [a, a, b, b, a, a] for expand 2), where
+        `distinct_of` [num_prompts] numbers each prompt's distinct prompt by first occurrence ([0, 1, 0]): compute
+        the first row of each distinct prompt (rows 0 and 2); every row takes its distinct prompt's."""
+        first_prompts = np.unique(distinct_of, return_index=True)[1]
+        return cls(computed=first_prompts * expand, source=np.repeat(distinct_of, expand))
+
     @property
     def num_computed(self) -> int:
         return len(self.computed)
 
 
 def prefill_once(original, prompt_inputs_of):
-    """`_prefill` computing each prompt once; `prompt_inputs_of()` gives the call's `PromptInputs` (or None)."""
+    """`_prefill` computing each distinct prompt once; `prompt_inputs_of()` gives the call's `PromptInputs` (or None,
+    where generate() repeated nothing)."""
 
     def prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True, *args, **kwargs):
         cache = model_kwargs.get(CACHE_KWARG)
@@ -87,6 +107,8 @@ def prefill_once(original, prompt_inputs_of):
             return original(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
         rows, inputs = plan
         cache.prefill_rows = rows.num_computed
+        # Rows forked from one computed row share its blocks: they are not laid out in runs of their own.
+        cache.expected_seq_len = None
         outputs = original(self, input_ids[rows.computed], generation_config, inputs, is_first_iteration, *args,
                            **kwargs)
         if cache.get_seq_length() == 0:
@@ -102,23 +124,120 @@ def prefill_once(original, prompt_inputs_of):
 
 
 def _plan(model, cache, input_ids, generation_config, model_kwargs, prompt_inputs: PromptInputs | None):
-    """(rows, the forward's inputs) when the prompt forward can run once per prompt, else None (stock's prefill)."""
+    """(rows, the forward's inputs) when the prompt forward can run on fewer rows than generate() expects (the beams /
+    samples of a prompt, rows repeating a prompt), else None (stock's prefill)."""
     expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     num_rows = input_ids.shape[0]
     if (
         not isinstance(cache, PagedCache)
-        or expand == 1
         or cache.get_seq_length() > 0
         or model.config.is_encoder_decoder
-        or prompt_inputs is None
-        or prompt_inputs.expand != expand
-        or prompt_inputs.num_prompts * expand != num_rows
+        or _drops_out(model)
     ):
         return None
-    inputs = _prompt_inputs(model_kwargs, prompt_inputs)
-    if inputs is None or _rows_of_a_prompt_differ(prompt_inputs):
+    if expand == 1:
+        inputs = model_kwargs  # one prompt per row, as the caller passed them
+    else:
+        if (
+            prompt_inputs is None
+            or prompt_inputs.expand != expand
+            or prompt_inputs.num_prompts * expand != num_rows
+        ):
+            return None
+        inputs = _prompt_inputs(model_kwargs, prompt_inputs)
+        if inputs is None or _rows_of_a_prompt_differ(prompt_inputs):
+            return None
+    distinct_of = equal_prompts(input_ids[::expand], inputs)
+    if distinct_of is None:
+        return (PrefillRows.one_per_prompt(num_rows, expand), inputs) if expand > 1 else None
+    rows = PrefillRows.of_prompts(distinct_of, expand)
+    return rows, _select_prompts(inputs, rows.computed // expand)
+
+
+def equal_prompts(prompt_ids: torch.Tensor, inputs: dict) -> np.ndarray | None:
+    """int64 [num_prompts]: for each prompt the number of its distinct prompt (0, 1, ... by first occurrence), when
+    some prompts are equal in their tokens and in every row input (`_ROW_INPUTS`: mask, so the same left padding;
+    position ids; token types); None when no two are, or when an input not one per row (images) is present.
+
+    prompt_ids: [num_prompts, prompt_len]. One pass on the device and one transfer of [num_prompts] labels to the
+    host, the only synchronisation, in the prompt forward which synchronises anyway.
+    """
+    num_prompts = prompt_ids.shape[0]
+    if num_prompts < 2:
         return None
-    return PrefillRows.one_per_prompt(num_rows, expand), inputs
+    columns = [prompt_ids.reshape(num_prompts, -1)]
+    for key, value in inputs.items():
+        if key in _CACHE_KEYS or not _holds_tensors(value):
+            continue
+        if key not in _ROW_INPUTS or not isinstance(value, torch.Tensor):
+            return None
+        batch_dim = _batch_dim(key, value)
+        if value.shape[batch_dim] != num_prompts:
+            return None
+        columns.append(value.movedim(batch_dim, 0).reshape(num_prompts, -1))
+    columns = [column for column in columns if column.shape[1]]  # ids are [rows, 0] when inputs_embeds stand in
+    if not columns:
+        return None
+    labels = _row_labels(columns, prompt_ids.device)
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    if len(first) == num_prompts:
+        return None
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
+def _row_labels(columns: list, device: torch.device) -> np.ndarray:
+    """int64 [rows]: equal labels for rows equal bit for bit in every column ([rows, width] tensors of any dtype).
+    Columns of one bit width are compared in one `unique`; each further width adds one."""
+    by_bits: dict = {}
+    for column in columns:
+        bits = _BITS_OF_SIZE.get(column.element_size(), torch.uint8)
+        by_bits.setdefault(bits, []).append(column.to(device).contiguous().view(bits))
+    labels = [torch.unique(torch.cat(group, dim=1), dim=0, return_inverse=True)[1] for group in by_bits.values()]
+    if len(labels) > 1:
+        labels = [torch.unique(torch.stack(labels, dim=1), dim=0, return_inverse=True)[1]]
+    return labels[0].cpu().numpy()
+
+
+def _select_prompts(inputs: dict, prompts: np.ndarray) -> dict:
+    """The forward's inputs for `prompts` only: row inputs indexed along their batch dimension, the rest as is."""
+    selected = {}
+    for key, value in inputs.items():
+        if key in _ROW_INPUTS and isinstance(value, torch.Tensor):
+            value = value.index_select(_batch_dim(key, value), torch.from_numpy(prompts).to(value.device))
+        selected[key] = value
+    return selected
+
+
+def _drops_out(model) -> bool:
+    """Whether `model`'s forwards drop activations at random (training mode, some dropout probability above 0): stock's
+    prompt forward then draws a mask for every row, so rows computed once would not hold what stock's rows hold."""
+    if not model.training:
+        return False
+    for module in model.modules():
+        if not module.training:
+            continue
+        if isinstance(module, _DROPOUTS) and module.p > 0:
+            return True
+        if any(isinstance(getattr(module, name, None), float) and getattr(module, name) > 0 for name in _DROPOUT_RATES):
+            return True  # attention modules hand their rate to the attention function while training
+    return False
+
+
+def _batch_dim(key: str, value: torch.Tensor) -> int:
+    # generate() expands multimodal position ids [3 or 4, rows, len] along dimension 1 (`_expand_inputs_for_generation`).
+    return 1 if key == "position_ids" and value.ndim == 3 else 0
+
+
+def _holds_tensors(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):  # model outputs are dicts
+        return any(_holds_tensors(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(item) for item in value)
+    return False
 
 
 def _prompt_inputs(model_kwargs: dict, prompt_inputs: PromptInputs) -> dict | None:
