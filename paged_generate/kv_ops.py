@@ -15,8 +15,8 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping, *, use_triton: bo
     """key, value: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]."""
     if use_triton:
         return kernels.launch_write_kv(key, value, key_cache, value_cache, slot_mapping)
-    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key)
-    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+    key_cache.flatten(0, 1).index_copy_(0, slot_mapping, key)  # [num_blocks * block_size, num_kv_heads, head_dim]
+    value_cache.flatten(0, 1).index_copy_(0, slot_mapping, value)
 
 
 def copy_blocks(key_cache, value_cache, src: torch.Tensor, dst: torch.Tensor, *, use_triton: bool = False) -> None:

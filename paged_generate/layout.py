@@ -42,7 +42,9 @@ def strided_rows(pool: torch.Tensor, layout: tuple[int, int], num_rows: int, num
 
 def gather_rows(pool: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Rows' first `num_tokens` tokens read through their block tables (int [num_rows, blocks], entries >= 0):
-    [num_rows, num_kv_heads, num_tokens, head_dim], a copy."""
+    [num_rows, num_kv_heads, num_tokens, head_dim], a copy of the blocks viewed as transformers lays K/V out."""
     num_rows, blocks_per_row = block_tables.shape
-    rows = pool.index_select(0, block_tables.reshape(-1)).view(num_rows, blocks_per_row * pool.shape[1], *pool.shape[2:])
-    return rows[:, :num_tokens].transpose(1, 2)
+    _, block_size, heads, head_dim = pool.shape
+    gathered = pool.index_select(0, block_tables.reshape(-1))  # [num_rows * blocks_per_row, block_size, heads, dim]
+    return gathered.as_strided((num_rows, heads, num_tokens, head_dim),
+                               (blocks_per_row * block_size * heads * head_dim, head_dim, heads * head_dim, 1))

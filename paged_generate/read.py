@@ -15,7 +15,6 @@ from .step import DeviceStep, PagedStep
 __all__ = ["CompressedRead", "DenseRead", "PagedRead", "forget_handed_over", "handed_over", "paged_read_of"]
 
 
-@dataclass(frozen=True)
 class PagedRead:
     """What attention needs to read one layer's paged K/V in this forward, handed over with the layer's pools.
 
@@ -25,12 +24,13 @@ class PagedRead:
     besides the pools to read them (nothing here).
     """
 
-    layer: object  # the PagedLayer
-    step: PagedStep
-    device_step: DeviceStep
+    __slots__ = ("layer", "step", "device_step")  # made per layer and step: kept light
 
     quantized = False
     storage_args = MappingProxyType({})
+
+    def __init__(self, layer, step: PagedStep, device_step: DeviceStep):
+        self.layer, self.step, self.device_step = layer, step, device_step  # the PagedLayer, this forward's step
 
     @property
     def keys(self) -> torch.Tensor:  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -54,11 +54,11 @@ class PagedRead:
         return self.layer.rows(self.step)
 
 
-@dataclass(frozen=True)
 class CompressedRead(PagedRead):
     """A read of pools whose full blocks are compressed (`compressed.CompressedPools`): the Triton kernels read them
     as they are; the PyTorch path reads `dequantized()`."""
 
+    __slots__ = ()
     quantized = True
 
     @property

@@ -26,7 +26,8 @@ def model():
 def keys_seen(monkeypatch):
     """The K tensors the model handed the plugin's attention function ("entry": enable_paged_cache registers the
     module's function, patched here), whether each came with a paged read, i.e. was a layer's pools ("pools"), and
-    the K tensors handed to stock's attention ("stock")."""
+    the K tensors the attention itself was computed on: stock's function, or SDPA with packed query heads for an fp32
+    decode step ("stock")."""
     seen = {"entry": [], "pools": [], "stock": []}
 
     def recording_entry(module, query, key, *args, **kwargs):
@@ -38,10 +39,17 @@ def keys_seen(monkeypatch):
         seen["stock"].append(key)
         return stock(implementation, module, query, key, *args, **kwargs)
 
+    def recording_packed(module, query, key, *args, **kwargs):
+        seen["stock"].append(key)
+        return packed(module, query, key, *args, **kwargs)
+
     entry = attention_module.paged_attention_forward
     stock = stock_module.stock_attention
+    packed = attention_module.packed_decode_attention
     monkeypatch.setattr(attention_module, "paged_attention_forward", recording_entry)
     monkeypatch.setattr(stock_module, "stock_attention", recording_stock)
+    monkeypatch.setattr(attention_module, "stock_attention", recording_stock)
+    monkeypatch.setattr(attention_module, "packed_decode_attention", recording_packed)
     # The plain-K/V shortcut of the SDPA entry calls transformers' function directly.
     monkeypatch.setattr(attention_module, "sdpa_attention_forward",
                         lambda module, query, key, *args, **kwargs: recording_stock("sdpa", module, query, key, *args,

@@ -10,9 +10,9 @@
 - eager: the model family's own `eager_attention_forward` (softcapping, attention sinks, dropout and the returned
   attention weights included), with the boolean / absent mask turned into the additive float mask stock builds for it.
 
-Forwards without a paged cache always go here. Paged forwards come here through `stock_attention_on_rows`, with every
-row's K/V read from the pool: for what the faster paths don't reproduce (`needs_stock_attention`), and whenever no
-faster path applies. `stock_attention_on_rows` hands the stock function exactly the K/V stock's `DynamicCache` would:
+Forwards without a paged cache always go here. Paged forwards come here with every row's K/V read from the pool: for
+what the faster paths don't reproduce (`needs_stock_attention`), and whenever no faster path applies, after
+`cut_to_stock_window`, which hands the stock function exactly the K/V stock's `DynamicCache` would:
 a sliding-window layer there keeps only the last `sliding_window - 1` tokens, so the same slice of the rows (and of
 the mask) is taken. Mathematically that changes nothing (the mask hides the older tokens); it makes the sums run over
 the same operands in the same order, so the result is bit-identical to stock, which half-precision sampling needs.
@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..patches.layer_windows import stock_cache_window
 from ..patches.model_checks import family_eager
 
-__all__ = ["needs_stock_attention", "split_rounds_apart", "stock_attention", "stock_attention_on_rows", "stock_cache_window", "weights_wanted"]
+__all__ = ["needs_stock_attention", "split_rounds_apart", "stock_attention", "cut_to_stock_window", "stock_cache_window", "weights_wanted"]
 
 # Set by the generate patch for a call with `output_attentions=True`: the paged forwards then return the weights the
 # stock implementation returns (eager: the weights; SDPA: none), which only the stock path computes.
@@ -53,11 +53,10 @@ def split_rounds_apart(query: torch.Tensor) -> bool:
     return query.device.type == "cpu" and query.dtype in _HALF
 
 
-def stock_attention_on_rows(implementation: str, module, query, key, value, attention_mask, dropout=0.0,
-                            scaling=None, *, window: int | None, **kwargs):
-    """`stock_attention` on every row's K/V [rows, kv_heads, seq_len, head_dim] read from the pool, cut to what
-    stock's cache would hand the layer (see the module docstring): `window` is the sliding window stock's cache keeps
-    for the layer (`stock_cache_window`), None for the whole history."""
+def cut_to_stock_window(query, key, value, attention_mask, window: int | None):
+    """Every row's K/V [rows, kv_heads, seq_len, head_dim] (and the mask) cut to what stock's cache would hand the
+    layer (see the module docstring): `window` is the sliding window stock's cache keeps for the layer
+    (`stock_cache_window`), None for the whole history."""
     seq_len, query_len = key.shape[2], query.shape[2]
     if window is not None:
         keep = min(seq_len - query_len, window - 1) + query_len
@@ -65,8 +64,7 @@ def stock_attention_on_rows(implementation: str, module, query, key, value, atte
             key, value = key[:, :, seq_len - keep :], value[:, :, seq_len - keep :]
             if attention_mask is not None:
                 attention_mask = attention_mask[..., attention_mask.shape[-1] - keep :]
-    return stock_attention(implementation, module, query, key, value, attention_mask, dropout=dropout,
-                           scaling=scaling, **kwargs)
+    return key, value, attention_mask
 
 
 def stock_attention(implementation: str, module, query, key, value, attention_mask, dropout=0.0, scaling=None,

@@ -120,11 +120,12 @@ class BlockAllocator:
         if len(ids) == 0:
             return
         np.subtract.at(self.ref_counts, ids, 1)
-        touched = np.unique(ids)
-        if (self.ref_counts[touched] < 0).any():
-            raise AssertionError(f"negative reference count on blocks {touched[self.ref_counts[touched] < 0]}")
-        freed = touched[self.ref_counts[touched] == 0]
-        self._push_free(freed)
+        counts = self.ref_counts[ids]
+        if counts.min() > 0:  # nothing freed (the common case: copies of shared blocks)
+            return
+        if (counts < 0).any():
+            raise AssertionError(f"negative reference count on blocks {np.unique(ids[counts < 0])}")
+        self._push_free(np.unique(ids[counts == 0]))
 
     def free_all(self) -> None:
         """Return every block to the free list (end of a call, or an error)."""

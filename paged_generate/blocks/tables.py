@@ -171,12 +171,18 @@ class BlockTables:
         if not (self._tails_may_be_shared and self.seq_len % self.block_size and self.num_rows):
             return _NO_BLOCKS
         tails = self.tables[:, -1]
-        if self.num_rows == 1:
-            return _NO_BLOCKS if self.allocator.ref_counts[tails[0]] == 1 else np.zeros(1, dtype=np.int64)
-        _, first_row, tail_counts = np.unique(tails, return_index=True, return_counts=True)
-        writes_in_place = np.zeros(self.num_rows, dtype=bool)
-        writes_in_place[first_row] = self.allocator.ref_counts[tails[first_row]] == tail_counts
-        return np.flatnonzero(~writes_in_place)
+        shared = np.flatnonzero(self.allocator.ref_counts[tails] > 1)  # most rows' tails are their own
+        if not len(shared):
+            return _NO_BLOCKS
+        # The rows holding shared tails, grouped by block (stable: the first holder of each block comes first).
+        holders = shared[np.argsort(tails[shared], kind="stable")]
+        held = tails[holders]
+        first = np.empty(len(holders), dtype=bool)
+        first[0] = True
+        np.not_equal(held[1:], held[:-1], out=first[1:])  # the first holder of each block
+        if self.allocator.ref_counts[held[first]].sum() == len(holders):
+            return holders[~first]  # every reference is one of these tails: each first holder keeps its block
+        return holders  # references from elsewhere too (a crop left a shared full block partial): every holder copies
 
     def _copy_tails(self, rows: np.ndarray) -> BlockCopies:
         self._tails_may_be_shared = False
