@@ -81,16 +81,19 @@ class PagedLayer(CacheLayerMixin):
         self.use_triton = uses_triton(self.cache.backend, self.device, block_size) and kernels_serve(
             dtype=self.dtype, head_dim=head_dim, value_head_dim=value_states.shape[-1], block_size=block_size)
         self.bytes_per_token = num_kv_heads * (head_dim + value_states.shape[-1]) * key_states.element_size()
-        # Zeros, not empty: see `kv_ops.grown`.
-        capacity = self.cache.allocator.capacity
-        self.keys = torch.zeros((capacity, block_size, num_kv_heads, head_dim), dtype=self.dtype, device=self.device)
-        self.values = torch.zeros((capacity, block_size, num_kv_heads, value_states.shape[-1]), dtype=value_states.dtype,
-                                  device=self.device)
-        self._pool_blocks = capacity
+        self.keys, self.values = self._new_pools(self.cache.allocator.capacity, key_states, value_states)
+        self._pool_blocks = self.keys.shape[0]
         # Where attention has no paged work, rows are handed to it as views of the pools: not for the Triton kernels
         # (they read the pools themselves), nor where stock's cache would have cut a sliding window that is unknown.
         self._hands_rows_as_views = not self.use_triton and self.stock_window_known
         self.is_initialized = True
+
+    def _new_pools(self, capacity: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Zeroed K and V pools [capacity, block_size, num_kv_heads, head_dim] (zeros, not empty: see `kv_ops.grown`)."""
+        _, num_kv_heads, _, head_dim = key_states.shape
+        shape = (capacity, self.cache.block_size, num_kv_heads)
+        return (torch.zeros((*shape, head_dim), dtype=key_states.dtype, device=key_states.device),
+                torch.zeros((*shape, value_states.shape[-1]), dtype=value_states.dtype, device=value_states.device))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store `[num_rows, num_kv_heads, query_len, head_dim]` new K/V in the pools; return what attention reads.

@@ -21,6 +21,10 @@ class CacheStats:
     prefill_rows: rows the prompt forward ran on: the distinct prompts, when prefill-once applied (the beams /
         samples of a prompt, and rows repeating a prompt, share its computation), else every row.
     kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8": how full blocks were stored.
+    prefix_hit_tokens: with a `KVPool` (None without): prompt tokens the prompt forward did not compute because their
+        blocks were cached in the pool, summed over the rows it ran on. Calls with a pool report their own blocks in
+        `peak_blocks` / `peak_kv_bytes` (cached blocks they reused included) and the pool's storage for their model
+        in `pool_bytes`.
     """
 
     block_size: int
@@ -32,6 +36,7 @@ class CacheStats:
     max_seq_len: int
     prefill_rows: int | None = None
     kv_cache_dtype: str = "auto"
+    prefix_hit_tokens: int | None = None
 
     @property
     def saving(self) -> float:

@@ -42,6 +42,9 @@ PAGED_MODES = frozenset({
     GenerationMode.BEAM_SAMPLE,
     GenerationMode.ASSISTED_GENERATION,
 })
+# Those whose prompt forward may start from a pool's cached blocks and leave its prompt blocks cached: not assisted
+# decoding, whose caches are cropped and continued from call to call.
+PREFIX_CACHING_MODES = PAGED_MODES - {GenerationMode.ASSISTED_GENERATION}
 
 
 @dataclass
@@ -69,14 +72,25 @@ class PluginState:
     attn_implementation: Any
     backend: str = "auto"
     kv_cache_dtype: str = "auto"
+    # A KVPool the model's calls take their blocks from (None: each call sizes and frees its own), whether they keep
+    # and reuse prompts' blocks in it, and the bytes of one block as the pool counts them.
+    pool: Any = None
+    prefix_caching: bool = False
+    block_bytes: int = 0
+    forward_gate: tuple = ()  # the pool's forward hooks on the model (see pool.install_forward_gate)
     last_stats: CacheStats | None = None
     current_call: ContextVar = field(default_factory=lambda: ContextVar("paged_generate_call", default=None))
     # Lists that every cache this model's calls create is appended to (see capture.py).
     watchers: list = field(default_factory=list)
 
-    def new_cache(self, model) -> PagedCache:
-        cache = PagedCache.from_model(model, block_size=self.block_size, max_blocks=self.max_blocks,
-                                      backend=self.backend, kv_cache_dtype=self.kv_cache_dtype)
+    def new_cache(self, model, prefix_caching: bool = True) -> PagedCache:
+        if self.pool is not None:
+            cache = self.pool.new_cache(model, block_size=self.block_size, kv_cache_dtype=self.kv_cache_dtype,
+                                        backend=self.backend, block_bytes=self.block_bytes,
+                                        prefix_caching=self.prefix_caching and prefix_caching)
+        else:
+            cache = PagedCache.from_model(model, block_size=self.block_size, max_blocks=self.max_blocks,
+                                          backend=self.backend, kv_cache_dtype=self.kv_cache_dtype)
         for watcher in self.watchers:
             watcher.append(cache)
         return cache
@@ -174,11 +188,12 @@ def _prepare_cache(original, state: PluginState):
         )
         if not wants_default_cache:
             return original(self, generation_config, model_kwargs, *args, **kwargs)
-        cache = state.new_cache(self)
+        cache = state.new_cache(self, prefix_caching=generation_mode in PREFIX_CACHING_MODES)
         shares_nothing = (generation_config.num_beams or 1) == 1 and (generation_config.num_return_sequences or 1) == 1
-        if shares_nothing and not uses_triton(state.backend, self.device, state.block_size):
+        if shares_nothing and state.pool is None and not uses_triton(state.backend, self.device, state.block_size):
             # The PyTorch path reads rows in place when each keeps a run of blocks: the cache places the rows
-            # max_length apart (the kernels read through the tables, so GPU memory is not set aside for that).
+            # max_length apart (the kernels read through the tables, so GPU memory is not set aside for that; nor
+            # does a pool's storage, which the calls of its models share).
             cache.expected_seq_len = generation_config.max_length
         record.caches.append(cache)
         model_kwargs[CACHE_KWARG] = cache
