@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .attention import register_attention
@@ -112,7 +114,7 @@ def enable_paged_cache(
         attn_implementation=previous.attn_implementation if previous else decoder_implementation(model),
         pool=pool,
         prefix_caching=pool is not None and (pool.prefix_caching if prefix_caching is None else prefix_caching),
-        block_bytes=_pool_block_bytes(model, block_size, kv_cache_dtype) if pool is not None else 0,
+        block_bytes=functools.partial(_pool_block_bytes, block_size=block_size, kv_cache_dtype=kv_cache_dtype),
     )
     if previous is None:
         _switch_attention(model, _stand_in(model, state.attn_implementation))

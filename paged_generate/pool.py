@@ -206,12 +206,13 @@ class KVPool:
                 self._exclusively(space, space.trim)
 
     # --- for enable_paged_cache and generate() ----------------------------------------------------------------------
-    def new_cache(self, model, *, block_size: int, kv_cache_dtype: str, backend: str, block_bytes: int,
+    def new_cache(self, model, *, block_size: int, kv_cache_dtype: str, backend: str, block_bytes,
                   prefix_caching: bool) -> PooledCache:
-        """A cache for one generate() call of `model` (the transformers model), whose blocks are this pool's."""
+        """A cache for one generate() call of `model` (the transformers model), whose blocks are this pool's;
+        `block_bytes(model)`: one block's bytes over every layer, as the budget counts them."""
         with self._lock:
             self._drain()
-            space = self._space_of(model, block_size, kv_cache_dtype, block_bytes)
+            space = self._space_of(model, block_size, kv_cache_dtype, block_bytes(model))
             fingerprint = weights_fingerprint(model)
             if space.fingerprint != fingerprint:  # the weights changed: what was cached is stale
                 space.forget_prefixes()
@@ -223,7 +224,8 @@ class KVPool:
 
     def _space_of(self, model, block_size: int, kv_cache_dtype: str, block_bytes: int) -> _Space:
         spaces = self._models.setdefault(model, {})
-        key = (block_size, kv_cache_dtype, block_bytes)
+        # The model's dtype too: a model cast after it was enabled must not write into storage of its former dtype.
+        key = (block_size, kv_cache_dtype, block_bytes, model.dtype)
         space = spaces.get(key)
         if space is None:
             space = spaces[key] = _Space(self, block_size=block_size, kv_cache_dtype=kv_cache_dtype,

@@ -142,6 +142,8 @@ class PooledCache(PagedCache):
 
     def _plan(self, num_rows: int, query_len: int):
         with self.lock:
+            if not self._planned:  # within the budget still, evicting cached blocks if need be
+                self.space.pool._fit_budget(self.space, self._blocks_needed(num_rows, query_len))
             if not self._planned and self._blocks_needed(num_rows, query_len) > self.allocator.num_free:
                 raise RuntimeError(
                     "paged-generate: a forward on a pooled cache was not planned before it ran (its inputs carried "

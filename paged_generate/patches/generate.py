@@ -73,10 +73,10 @@ class PluginState:
     backend: str = "auto"
     kv_cache_dtype: str = "auto"
     # A KVPool the model's calls take their blocks from (None: each call sizes and frees its own), whether they keep
-    # and reuse prompts' blocks in it, and the bytes of one block as the pool counts them.
+    # and reuse prompts' blocks in it, and `block_bytes(model)`, the bytes of one block as the pool counts them.
     pool: Any = None
     prefix_caching: bool = False
-    block_bytes: int = 0
+    block_bytes: Any = None
     forward_gate: tuple = ()  # the pool's forward hooks on the model (see pool.install_forward_gate)
     last_stats: CacheStats | None = None
     current_call: ContextVar = field(default_factory=lambda: ContextVar("paged_generate_call", default=None))
