@@ -38,6 +38,7 @@ from .blocks.pooled import PooledAllocator
 from .errors import OutOfBlocksError
 from .kv_ops import grown
 from .patches.compat import CACHE_KWARG
+from .patches.weights_version import weights_fingerprint
 from .pooled_cache import PooledCache
 
 __all__ = ["KVPool", "PoolStats"]
@@ -360,15 +361,6 @@ class KVPool:
                 books.tables.free()
                 books.tables = None
             self._leave_flight(space, books)
-
-
-def weights_fingerprint(model) -> int:
-    """Changes when a parameter of `model` is replaced or written in place (an optimizer step, `load_state_dict`), or
-    the model switches attention implementation or train/eval mode: cached K/V computed before are then stale.
-    Writes through `.data` escape torch's version counters: call `KVPool.clear()` after those."""
-    params = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    implementation = getattr(model.config, "_attn_implementation", None)
-    return hash((params, model.training, str(implementation)))
 
 
 def install_forward_gate(model) -> tuple:
