@@ -120,6 +120,8 @@ def enable_paged_cache(
         _switch_attention(model, _stand_in(model, state.attn_implementation))
     else:
         _remove_forward_gate(previous)
+        if previous.pool is not None and previous.pool is not pool:
+            previous.pool.forget_model(model)
     if pool is not None:
         state.forward_gate = install_forward_gate(model)
     setattr(model, _STATE_ATTR, state)
@@ -139,6 +141,8 @@ def disable_paged_cache(model: torch.nn.Module) -> torch.nn.Module:
     stop_following_switches(inner)
     restore_attention_forwards(inner)
     _remove_forward_gate(state)
+    if state.pool is not None:
+        state.pool.forget_model(inner)
     generate_patch.uninstall(inner)
     switch_attention(inner, state.attn_implementation)
     delattr(inner, _STATE_ATTR)

@@ -207,6 +207,15 @@ class KVPool:
                 self._exclusively(space, space.trim)
 
     # --- for enable_paged_cache and generate() ----------------------------------------------------------------------
+    def forget_model(self, model) -> None:
+        """`model` was disabled: drop its cached blocks and release its free storage (blocks its running calls, or
+        caches returned to callers, hold stay until those are done)."""
+        with self._lock:
+            self._drain()
+            for space in list(self._models.pop(model, {}).values()):
+                space.forget_prefixes()
+                self._exclusively(space, space.trim)
+
     def new_cache(self, model, *, block_size: int, kv_cache_dtype: str, backend: str, block_bytes,
                   prefix_caching: bool) -> PooledCache:
         """A cache for one generate() call of `model` (the transformers model), whose blocks are this pool's;

@@ -1,5 +1,6 @@
 """`KVPool`: one budget for many calls and models, threads, eviction, clear / trim, and the errors of bad settings."""
 
+import copy
 import gc
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -116,19 +117,32 @@ def test_models_never_read_each_others_blocks(models):
 
 def test_changed_weights_drop_the_cached_blocks(models):
     model = models[0]
+    stock_model = copy.deepcopy(model)
     prompt = _tokens(25, 4)
     pool = KVPool()
     enable_paged_cache(model, pool=pool, block_size=BLOCK)
     model.generate(prompt, max_new_tokens=3)
-    with torch.no_grad():
-        model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)
-    disable_paged_cache(model)
-    stock = model.generate(prompt, max_new_tokens=3, output_logits=True, return_dict_in_generate=True)
-    enable_paged_cache(model, pool=pool, block_size=BLOCK)
+    for changed in (model, stock_model):
+        with torch.no_grad():
+            changed.model.layers[0].self_attn.k_proj.weight.mul_(1.5)
+    stock = stock_model.generate(prompt, max_new_tokens=3, output_logits=True, return_dict_in_generate=True)
     out = model.generate(prompt, max_new_tokens=3, output_logits=True, return_dict_in_generate=True)
     assert cache_stats(model).prefix_hit_tokens == 0
     assert torch.equal(out.sequences, stock.sequences)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(stock.logits), atol=1e-4, rtol=0)
+
+
+def test_disabling_a_model_drops_its_blocks(models):
+    model, other = models[0], models[1]
+    pool = KVPool()
+    for enabled in (model, other):
+        enable_paged_cache(enabled, pool=pool, block_size=BLOCK)
+        enabled.generate(_tokens(25, 7), max_new_tokens=3)
+    held = pool.stats().bytes_held
+    disable_paged_cache(model)
+    assert 0 < pool.stats().bytes_held < held
+    enable_paged_cache(other, pool=KVPool(), block_size=BLOCK)  # moved to another pool
+    assert pool.stats().bytes_held == pool.stats().storage_bytes == 0
 
 
 def test_out_of_blocks_only_when_nothing_is_evictable(models):

@@ -106,8 +106,9 @@ def prefill_once(original, prompt_inputs_of):
         plan = _plan(self, cache, input_ids, generation_config, model_kwargs, prompt_inputs_of())
         rows, inputs = plan if plan is not None else (None, model_kwargs)
         computed_ids = input_ids[rows.computed] if rows is not None else input_ids
-        keys = None if _drops_out(self) else prefix_hits.prompt_keys(self, cache, computed_ids, inputs,
-                                                                     generation_config)
+        keys = prefix_hits.prompt_keys(self, cache, computed_ids, inputs, generation_config)
+        if keys is not None and _drops_out(self):  # K/V drawn under dropout: neither reused nor kept
+            keys = None
         if plan is None and keys is None:
             if isinstance(cache, PagedCache) and cache.prefill_rows is None:
                 cache.prefill_rows = input_ids.shape[0]
