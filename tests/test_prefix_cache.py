@@ -133,3 +133,19 @@ def test_after_evictions(model):
     stats = pool.stats()
     assert stats.evictions > 0 and stats.bytes_held <= pool.max_cache_bytes
     assert hits[0] == hits[1] == 0 and 0 < hits[2] < 40 and 0 < hits[3] < 40
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_compressed_blocks_after_a_hit_match_the_call_without_a_pool(model, kv_cache_dtype):
+    """Cached blocks are kept compressed: a hit reads what the same call without a pool reads (exactly)."""
+    prompts = [torch.cat([CONTEXT, _tokens(5, seed)], 1) for seed in (1, 2)]
+    enable_paged_cache(model, kv_cache_dtype=kv_cache_dtype, block_size=BLOCK)
+    alone = [_generate(model, prompt, max_new_tokens=6, num_beams=2) for prompt in prompts]
+    enable_paged_cache(model, kv_cache_dtype=kv_cache_dtype, block_size=BLOCK, pool=KVPool())
+    try:
+        for prompt, (ids, logits) in zip(prompts, alone):
+            pooled_ids, pooled_logits = _generate(model, prompt, max_new_tokens=6, num_beams=2)
+            assert torch.equal(pooled_ids, ids) and torch.equal(pooled_logits, logits)
+        assert cache_stats(model).prefix_hit_tokens == 40
+    finally:
+        disable_paged_cache(model)
