@@ -259,3 +259,22 @@ def test_threads_and_models_on_one_budget(models, num_calls):
     stats = pool.stats()
     assert stats.blocks_held == stats.cached_blocks == stats.bytes_held == stats.storage_bytes == 0
     assert all(np.all(space.allocator.ref_counts == 0) for space in _spaces(pool))
+
+
+def test_assisted_decoding_on_one_pool_matches_stock(models):
+    """The target and its assistant share one pool; the assistant's cache, cropped from round to round, may start
+    from its cached prompt blocks; the tokens stay stock's."""
+    target, assistant = models[0], tiny_model("llama", seed=3)
+    prompt = _tokens(30, 8)
+    stock = target.generate(prompt, assistant_model=assistant, max_new_tokens=8, do_sample=False)
+    pool = KVPool(max_cache_bytes=40 * BLOCK_BYTES)
+    for model in (target, assistant):
+        enable_paged_cache(model, pool=pool, block_size=BLOCK)
+    try:
+        for _ in range(2):
+            out = target.generate(prompt, assistant_model=assistant, max_new_tokens=8, do_sample=False)
+            assert torch.equal(out, stock)
+        assert pool.stats().hits > 0
+        _assert_only_cached_blocks_held(pool)
+    finally:
+        disable_paged_cache(assistant)

@@ -42,8 +42,9 @@ PAGED_MODES = frozenset({
     GenerationMode.BEAM_SAMPLE,
     GenerationMode.ASSISTED_GENERATION,
 })
-# Those whose prompt forward may start from a pool's cached blocks and leave its prompt blocks cached: not assisted
-# decoding, whose caches are cropped and continued from call to call.
+# Those whose prompt forward may start from a pool's cached blocks and leave its prompt blocks cached: not the target's
+# cache in assisted decoding, whose verification forwards are cropped back (the assistant's own calls are greedy or
+# sampling: their first prompt forward may use the pool's blocks, and later rounds continue that cache).
 PREFIX_CACHING_MODES = PAGED_MODES - {GenerationMode.ASSISTED_GENERATION}
 
 
