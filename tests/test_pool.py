@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from paged_generate import KVPool, OutOfBlocksError, PoolStats, cache_stats, disable_paged_cache, enable_paged_cache
+from paged_generate.patches.compat import CACHE_KWARG
 from tiny_models import tiny_model
 
 BLOCK = 4
@@ -168,7 +169,9 @@ def test_a_returned_cache_holds_its_blocks_until_dropped(models):
     assert pool.stats().blocks_held > cached
     # A later turn continues it, as with stock's cache.
     follow = torch.cat([out.sequences, _tokens(3, 6)], 1)
-    model.generate(follow, cache=out.cache if hasattr(out, "cache") else out.past_key_values, max_new_tokens=2)
+    returned = out.cache if hasattr(out, "cache") else out.past_key_values
+    model.generate(follow, max_new_tokens=2, **{CACHE_KWARG: returned})
+    del returned
     del out
     gc.collect()
     pool.stats()  # the bookkeeping frees dropped caches' blocks
