@@ -10,7 +10,7 @@ paged, and `enable_paged_cache(model, min_shared_tokens=0)` pages every call.
 
 from __future__ import annotations
 
-__all__ = ["SHARED_TOKENS_PER_NEW_TOKEN", "paging_pays"]
+__all__ = ["REFERENCE_HIDDEN_SIZE", "SHARED_TOKENS_PER_NEW_TOKEN", "paging_pays"]
 
 # Prompt tokens a call must share per token it generates, on a model of hidden size REFERENCE_HIDDEN_SIZE, for the
 # paged path to be at least as fast as stock: the crossover `python benchmarks/speed.py --sweep 4-layer` measured on

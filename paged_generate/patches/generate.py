@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 from ..attention.stock import weights_wanted
 from ..backend import uses_triton
 from ..cache import PagedCache, forget_handed_over
-from ..call_rule import paging_pays
+from ..call_rule import REFERENCE_HIDDEN_SIZE, paging_pays
 from ..stats import CacheStats, stock_cache_stats
 from .compat import CACHE_KWARG
 from .prefill_once import PromptInputs, capture_prompt_inputs, prefill_once
@@ -162,7 +162,7 @@ def _stock_cache_unless_paging_pays(state: PluginState, model, shared_tokens: in
     record = state.current_call.get()
     if record is None or record.stock_cache is None:
         return None
-    hidden_size = model.config.get_text_config(decoder=True).hidden_size
+    hidden_size = getattr(model.config.get_text_config(decoder=True), "hidden_size", None) or REFERENCE_HIDDEN_SIZE
     if paging_pays(shared_tokens, new_tokens, hidden_size, state.min_shared_tokens):
         return None
     for cache in record.caches:
