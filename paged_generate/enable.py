@@ -52,6 +52,7 @@ def enable_paged_cache(
     kv_cache_dtype: str = "auto",
     pool: KVPool | None = None,
     prefix_caching: bool | None = None,
+    min_shared_tokens: int | None = None,
 ) -> torch.nn.Module:
     """Make every later `model.generate(...)` keep its KV cache in shared, copy-on-write blocks.
 
@@ -74,6 +75,11 @@ def enable_paged_cache(
     prefix_caching : True without a pool gives the model a private `KVPool(max_cache_bytes=...)` with prefix caching
         (`max_cache_bytes` / `max_blocks` becoming its budget); False with a pool shares only its budget. None (the
         default): the pool's setting, or no pool at all.
+    min_shared_tokens : None (default): a call whose rows share too few prompt tokens for paging to pay (greedy or
+        sampling of distinct prompts, beams of a short prompt on a small model; the rule measured in call_rule.py)
+        runs on stock's own cache: the same tokens, stock's time, `cache_stats(model).paged` False. An int: calls
+        sharing at least this many prompt tokens are paged, the others run on stock's cache; 0 pages every call.
+        Calls with a memory cap (`max_blocks`, `max_cache_bytes`), compressed blocks or a `pool` are always paged.
 
     Returns `model` (the object given), enabled. Enabling an enabled model updates its settings. A cache passed
     explicitly to `generate` is used as is (one an earlier call returned continues a conversation); `use_cache=False`
@@ -86,7 +92,7 @@ def enable_paged_cache(
     >>> cache_stats(model).saving
     0.78
     """
-    _check_settings(block_size, max_blocks, max_cache_bytes)
+    _check_settings(block_size, max_blocks, max_cache_bytes, min_shared_tokens)
     problem = backend_problem(backend, block_size) or kv_cache_dtype_problem(kv_cache_dtype)
     if problem:
         raise ValueError(f"enable_paged_cache: {problem}.")
@@ -111,6 +117,7 @@ def enable_paged_cache(
         max_blocks=max_blocks,
         backend=backend,
         kv_cache_dtype=kv_cache_dtype,
+        min_shared_tokens=min_shared_tokens,
         attn_implementation=previous.attn_implementation if previous else decoder_implementation(model),
         pool=pool,
         prefix_caching=pool is not None and (pool.prefix_caching if prefix_caching is None else prefix_caching),
@@ -188,8 +195,9 @@ def _stand_in(model, implementation) -> str:
     return paged_name_for(implementation, softcap=softcap)
 
 
-def _check_settings(block_size, max_blocks, max_cache_bytes) -> None:
-    for name, value in (("block_size", block_size), ("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes)):
+def _check_settings(block_size, max_blocks, max_cache_bytes, min_shared_tokens) -> None:
+    for name, value in (("block_size", block_size), ("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes),
+                        ("min_shared_tokens", min_shared_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"enable_paged_cache: `{name}` must be an int, got {type(value).__name__} ({value!r}).")
     problem = block_size_problem(block_size)
@@ -198,6 +206,9 @@ def _check_settings(block_size, max_blocks, max_cache_bytes) -> None:
     for name, value in (("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes)):
         if value is not None and value <= 0:
             raise ValueError(f"enable_paged_cache: `{name}` must be positive, or None for no cap; got {value}.")
+    if min_shared_tokens is not None and min_shared_tokens < 0:
+        raise ValueError(f"enable_paged_cache: `min_shared_tokens` must be >= 0 (0 pages every call), or None for the "
+                         f"measured rule; got {min_shared_tokens}.")
 
 
 def _check_pool(pool, prefix_caching, max_blocks, max_cache_bytes) -> None:

@@ -222,7 +222,7 @@ class KVPool:
         `block_bytes(model)`: one block's bytes over every layer, as the budget counts them."""
         with self._lock:
             self._drain()
-            space = self._space_of(model, block_size, kv_cache_dtype, block_bytes(model))
+            space = self._space_of(model, block_size, kv_cache_dtype, block_bytes(model), backend)
             fingerprint = weights_fingerprint(model)
             if space.fingerprint != fingerprint:  # the weights changed: what was cached is stale
                 space.forget_prefixes()
@@ -232,10 +232,11 @@ class KVPool:
             space.caches.add(cache)
             return cache
 
-    def _space_of(self, model, block_size: int, kv_cache_dtype: str, block_bytes: int) -> _Space:
+    def _space_of(self, model, block_size: int, kv_cache_dtype: str, block_bytes: int, backend: str = "auto") -> _Space:
         spaces = self._models.setdefault(model, {})
-        # The model's dtype too: a model cast after it was enabled must not write into storage of its former dtype.
-        key = (block_size, kv_cache_dtype, block_bytes, model.dtype)
+        # The model's dtype too: a model cast after it was enabled must not write into storage of its former dtype;
+        # and the backend, which decides how storage is laid out (K and V fused on the PyTorch path).
+        key = (block_size, kv_cache_dtype, block_bytes, model.dtype, backend)
         space = spaces.get(key)
         if space is None:
             space = spaces[key] = _Space(self, block_size=block_size, kv_cache_dtype=kv_cache_dtype,

@@ -28,20 +28,24 @@ class PooledLayer(PagedLayer):
         super().__init__(cache)
         self.layer_index = layer_index
 
-    def _new_pools(self, capacity: int, key_states: torch.Tensor, value_states: torch.Tensor):
-        def empty():
-            return list(PagedLayer._new_pools(self, 0, key_states, value_states))
+    def _new_pools(self, capacity: int, key_states: torch.Tensor, value_states: torch.Tensor) -> dict:
+        def empty():  # the layout this layer takes (fused or a pool each), with no blocks
+            return list(PagedLayer._new_pools(self, 0, key_states, value_states).values())
 
-        return self.cache.space.layer_tensors(self.layer_index, empty)
+        return _as_pools(self.cache.space.layer_tensors(self.layer_index, empty))
 
     def _grow_pools(self, capacity: int) -> None:
         self.adopt(self.cache.space.storage[self.layer_index])
 
     def adopt(self, tensors: list) -> None:
         """The pool grew or trimmed this layer's storage: read and write the new tensors."""
-        self.keys, self.values = tensors
-        self._pool_blocks = self.keys.shape[0]
+        self._set_pools(**_as_pools(tensors))
         self._views = None
+
+
+def _as_pools(tensors: list) -> dict:
+    """A layer's storage in the pool ([K and V fused] or [keys, values]) as `PagedLayer._set_pools` takes it."""
+    return dict(fused=tensors[0]) if len(tensors) == 1 else dict(keys=tensors[0], values=tensors[1])
 
 
 class PooledCompressedLayer(CompressedLayer):

@@ -281,3 +281,20 @@ def test_assisted_decoding_on_one_pool_matches_stock(models):
         _assert_only_cached_blocks_held(pool)
     finally:
         disable_paged_cache(assistant)
+
+
+def test_pooled_calls_are_paged_whatever_the_call_rule(models, monkeypatch):
+    """A call sharing nothing across its rows runs on stock's cache by the measured rule (call_rule.py), unless the
+    model has a pool: its blocks are what later calls reuse."""
+    from paged_generate import call_rule
+
+    monkeypatch.setattr(call_rule, "SHARED_TOKENS_PER_NEW_TOKEN", 4)
+    model = models[0]
+    prompt = _tokens(25, 9)
+    enable_paged_cache(model, block_size=BLOCK)
+    model.generate(prompt, max_new_tokens=3)
+    assert not cache_stats(model).paged  # the rule holds for this call without a pool
+    enable_paged_cache(model, pool=KVPool(), block_size=BLOCK)
+    for hits in (0, 24):
+        model.generate(prompt, max_new_tokens=3)
+        assert cache_stats(model).paged and cache_stats(model).prefix_hit_tokens == hits

@@ -367,7 +367,9 @@ class PrefixPoolMachine(RuleBasedStateMachine):
                 parent, key = index._parent_key[parent]
                 chain.insert(0, np.frombuffer(key, dtype=np.int64).reshape(self.block_size, 3)[:, 0].tolist())
             tokens = sum(chain, [])
-            for layer, (keys, values) in storage.items():
+            for layer, tensors in storage.items():
+                # K and V fused [capacity, block_size, 2, heads, head_dim] (the PyTorch path), or a pool each
+                keys, values = (tensors[0][:, :, 0], tensors[0][:, :, 1]) if len(tensors) == 1 else tensors
                 expected = self._rows_kv(layer, [tokens], len(tokens) - self.block_size, len(tokens))
                 assert torch.equal(keys[block], expected[0][0].transpose(0, 1))
                 assert torch.equal(values[block], expected[1][0].transpose(0, 1))

@@ -359,3 +359,33 @@ def test_prefill_with_a_cache_holding_the_prompt_start_computes_only_the_rest():
     assert seen == [input_ids.shape[1] - cached]
     assert torch.equal(out[:, -4:], stock[:, -4:]), _moved(
         "_prefill no longer continues a cache from the remaining ids with the whole prompt's mask")
+
+
+def test_a_cache_swapped_in_at_the_prompt_forward_serves_the_whole_call():
+    """The call rule hands a call to stock's cache inside `_prefill` by replacing model_kwargs[CACHE_KWARG]: stock's
+    `_prepare_cache_for_generation` must have put its cache there, and the decoding loops must take the cache from
+    the prompt forward's outputs (and the same model_kwargs) from then on."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    original = type(model)._prefill
+    swapped = DynamicCache(config=model.config)
+    seen = {}
+
+    def prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        seen["prepared"] = type(model_kwargs.get(CACHE_KWARG)).__name__
+        model_kwargs[CACHE_KWARG] = swapped
+        return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+    model._prefill = prefill.__get__(model)
+    try:
+        for kwargs in (dict(num_beams=2), dict(do_sample=False)):
+            out = model.generate(torch.tensor([[4, 5, 6]]), max_new_tokens=3, min_new_tokens=3, pad_token_id=0,
+                                 return_dict_in_generate=True, **kwargs)
+            assert seen.pop("prepared") == "DynamicCache", "stock's _prepare_cache_for_generation left no DynamicCache"
+            assert out.past_key_values is swapped, f"the decoding loop ({kwargs}) did not continue the prompt " \
+                                                   "forward's cache"
+            assert swapped.get_seq_length() == 5
+            swapped = DynamicCache(config=model.config)
+    finally:
+        del model._prefill

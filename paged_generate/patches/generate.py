@@ -5,7 +5,8 @@
   its K/V for the next call, as stock's does, until the caller drops it.
 - `_prepare_cache_for_generation`: builds a `PagedCache` where generate() would build its default `DynamicCache`.
 - `_expand_inputs_for_generation`: notes the inputs as they were before generate() repeated them per beam / sample.
-- `_prefill`: runs the prompt forward once per distinct prompt (see prefill_once.py).
+- `_prefill`: runs the prompt forward once per distinct prompt (see prefill_once.py), or hands the call to stock's
+  own cache where paging would not pay (see call_rule.py).
 
 Deleting the instance attributes (`uninstall`) restores the class methods exactly.
 """
@@ -24,7 +25,8 @@ from transformers.utils import ModelOutput
 from ..attention.stock import weights_wanted
 from ..backend import uses_triton
 from ..cache import PagedCache, forget_handed_over
-from ..stats import CacheStats
+from ..call_rule import REFERENCE_HIDDEN_SIZE, paging_pays
+from ..stats import CacheStats, stock_cache_stats
 from .compat import CACHE_KWARG
 from .prefill_once import PromptInputs, capture_prompt_inputs, prefill_once
 
@@ -58,6 +60,8 @@ class CallRecord:
     paged: bool = True  # False: a call whose decoding loop the plugin does not vouch for (stock cache)
     prompt_inputs: PromptInputs | None = None  # the inputs before generate() repeated them per beam / sample
     weights_token: Any = None  # set while the call asks for attention weights (see attention/stock.py)
+    stock_cache: Any = None  # stock's own cache for this call, built beside the paged one while paging may not pay
+    on_stock_cache: bool = False  # the call handed over to `stock_cache` (see `_stock_cache_unless_paging_pays`)
 
 
 @dataclass
@@ -73,6 +77,7 @@ class PluginState:
     attn_implementation: Any
     backend: str = "auto"
     kv_cache_dtype: str = "auto"
+    min_shared_tokens: int | None = None  # see call_rule.py; None: the measured rule
     # A KVPool the model's calls take their blocks from (None: each call sizes and frees its own), whether they keep
     # and reuse prompts' blocks in it, and `block_bytes(model)`, the bytes of one block as the pool counts them.
     pool: Any = None
@@ -96,6 +101,13 @@ class PluginState:
             watcher.append(cache)
         return cache
 
+    @property
+    def always_paged(self) -> bool:
+        """Whether every call needs the paged cache: what the user asked for (a memory cap, compressed blocks, a pool
+        keeping blocks across calls) only it does."""
+        return (self.min_shared_tokens == 0 or self.max_blocks is not None or self.kv_cache_dtype != "auto"
+                or self.pool is not None)
+
 
 def install(model, state: PluginState) -> None:
     cls = type(model)
@@ -106,7 +118,10 @@ def install(model, state: PluginState) -> None:
     model._expand_inputs_for_generation = types.MethodType(
         _expand_inputs(_bound_class_method(model, "_expand_inputs_for_generation"), state), model
     )
-    model._prefill = types.MethodType(prefill_once(cls._prefill, lambda: _prompt_inputs_of(state)), model)
+    model._prefill = types.MethodType(
+        prefill_once(cls._prefill, lambda: _prompt_inputs_of(state),
+                     lambda model, shared, new: _stock_cache_unless_paging_pays(state, model, shared, new)),
+        model)
 
 
 def _bound_class_method(model, name: str):
@@ -134,6 +149,8 @@ def _generate(original, state: PluginState):
             if record.weights_token is not None:
                 weights_wanted.reset(record.weights_token)
             returned = _caches_in(result)
+            if record.on_stock_cache:
+                state.last_stats = stock_cache_stats(record.stock_cache, state.block_size)
             for cache in record.caches:
                 state.last_stats = cache.stats() if any(cache is kept for kept in returned) else cache.release()
             for cache in record.given:
@@ -153,6 +170,24 @@ def _caches_in(result) -> list:
 def _prompt_inputs_of(state: PluginState) -> PromptInputs | None:
     record = state.current_call.get()
     return record.prompt_inputs if record is not None and record.paged else None
+
+
+def _stock_cache_unless_paging_pays(state: PluginState, model, shared_tokens: int, new_tokens: int):
+    """Stock's cache for the call in progress if paging it would not pay (call_rule.py), its paged cache then freed
+    unused; else None."""
+    record = state.current_call.get()
+    if record is None or record.stock_cache is None:
+        return None
+    hidden_size = getattr(model.config.get_text_config(decoder=True), "hidden_size", None) or REFERENCE_HIDDEN_SIZE
+    if paging_pays(shared_tokens, new_tokens, hidden_size, state.min_shared_tokens):
+        return None
+    for cache in record.caches:
+        cache.release()
+        for watcher in state.watchers:
+            watcher[:] = [watched for watched in watcher if watched is not cache]
+    record.caches.clear()
+    record.on_stock_cache = True
+    return record.stock_cache
 
 
 def _expand_inputs(original, state: PluginState):
@@ -189,6 +224,10 @@ def _prepare_cache(original, state: PluginState):
         )
         if not wants_default_cache:
             return original(self, generation_config, model_kwargs, *args, **kwargs)
+        if not state.always_paged and not generation_config.is_assistant:
+            # Whether paging pays is known at the prompt forward (`_prefill`), which may hand the call to this cache.
+            original(self, generation_config, model_kwargs, *args, **kwargs)
+            record.stock_cache = model_kwargs.get(CACHE_KWARG)
         cache = state.new_cache(self, prefix_caching=generation_mode in PREFIX_CACHING_MODES)
         shares_nothing = (generation_config.num_beams or 1) == 1 and (generation_config.num_return_sequences or 1) == 1
         if shares_nothing and state.pool is None and not uses_triton(state.backend, self.device, state.block_size):
