@@ -11,8 +11,9 @@ On the 4-layer benchmark model (benchmarks/bench_utils.py, random weights, fp32)
 
 (a) document: a `context`-token document, then `questions` questions about it, one generate() call each
     (`new-tokens` new tokens). Time to first token (the prompt forward, until the first logits) and total time of
-    the calls, for stock generate(), the plugin without a pool, and the plugin with a `KVPool` (prefix caching): its
-    first call computes the document, the later ones only their question.
+    the calls, for stock generate(), the plugin without a pool (whose call rule runs calls sharing nothing across
+    rows on stock's cache), and the plugin with a `KVPool` (prefix caching, every call paged): its first call
+    computes the document, the later ones only their question.
 (b) few-shot: a `fewshot`-token prefix and `fewshot-questions` questions, in generate() calls of `batch` rows each.
     The questions have one length: left padding would shift the prefix across block boundaries, and rows padded
     differently share no cached block.
