@@ -85,19 +85,25 @@ class PagedLayer(CacheLayerMixin):
         # Zeros, not empty: see `kv_ops.grown`. On the PyTorch path K and V of a token lie side by side in one pool, so
         # a write, a copy and a gather are one indexed operation each (keys and values are its two halves); the
         # kernels treat K and V in one launch already and keep a pool each.
-        capacity = self.cache.allocator.capacity
-        if not self.use_triton and value_states.shape[-1] == head_dim and value_states.dtype == self.dtype:
-            self._set_pools(fused=torch.zeros((capacity, block_size, 2, num_kv_heads, head_dim), dtype=self.dtype,
-                                              device=self.device))
-        else:  # keys and values of different widths (no supported family) or dtypes (autocast): a pool each
-            self._set_pools(
-                keys=torch.zeros((capacity, block_size, num_kv_heads, head_dim), dtype=self.dtype, device=self.device),
-                values=torch.zeros((capacity, block_size, num_kv_heads, value_states.shape[-1]),
-                                   dtype=value_states.dtype, device=self.device))
+        self._set_pools(**self._new_pools(self.cache.allocator.capacity, key_states, value_states))
         # Where attention has no paged work, rows are handed to it as views of the pools: not for the Triton kernels
         # (they read the pools themselves), nor where stock's cache would have cut a sliding window that is unknown.
         self._hands_rows_as_views = not self.use_triton and self.stock_window_known
         self.is_initialized = True
+
+    def _new_pools(self, capacity: int, key_states: torch.Tensor, value_states: torch.Tensor) -> dict:
+        """Zeroed pools of `capacity` blocks, as `_set_pools` takes them: `fused` [capacity, block_size, 2,
+        num_kv_heads, head_dim] on the PyTorch path, else `keys` / `values` [capacity, block_size, num_kv_heads,
+        head_dim] (zeros, not empty: see `kv_ops.grown`)."""
+        _, num_kv_heads, _, head_dim = key_states.shape
+        shape = (capacity, self.cache.block_size)
+        if not self.use_triton and value_states.shape[-1] == head_dim and value_states.dtype == key_states.dtype:
+            return dict(fused=torch.zeros((*shape, 2, num_kv_heads, head_dim), dtype=key_states.dtype,
+                                          device=key_states.device))
+        # keys and values of different widths (no supported family) or dtypes (autocast): a pool each
+        return dict(keys=torch.zeros((*shape, num_kv_heads, head_dim), dtype=key_states.dtype, device=key_states.device),
+                    values=torch.zeros((*shape, num_kv_heads, value_states.shape[-1]), dtype=value_states.dtype,
+                                       device=value_states.device))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store `[num_rows, num_kv_heads, query_len, head_dim]` new K/V in the pools; return what attention reads.

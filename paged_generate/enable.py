@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .attention import register_attention
@@ -21,7 +23,8 @@ from .patches.compile_boundary import attention_modules, compile_attention_eager
 from .patches.model_checks import family_eager, keeps_recurrent_state, uses_attention_registry
 from .patches.tensor_parallel import tensor_parallel_of
 from .patches.wrapped_models import peft_adapter_types, transformers_model_of
-from .quantize import kv_cache_dtype_problem
+from .pool import KVPool, install_forward_gate
+from .quantize import kv_cache_dtype_problem, storage_dtype
 from .stats import CacheStats
 
 __all__ = ["cache_stats", "disable_paged_cache", "enable_paged_cache", "is_paged_cache_enabled"]
@@ -47,6 +50,8 @@ def enable_paged_cache(
     max_cache_bytes: int | None = None,
     backend: str = "auto",
     kv_cache_dtype: str = "auto",
+    pool: KVPool | None = None,
+    prefix_caching: bool | None = None,
     min_shared_tokens: int | None = None,
 ) -> torch.nn.Module:
     """Make every later `model.generate(...)` keep its KV cache in shared, copy-on-write blocks.
@@ -64,11 +69,17 @@ def enable_paged_cache(
     kv_cache_dtype : "auto" (K/V in the model's dtype: token-identical to stock), "int8" or "fp8" (float8 e4m3): full
         blocks stored compressed with a scale per block and KV head, partial blocks in the model's dtype; lossy, see
         the README's compression section. `max_cache_bytes` is still converted with the model's dtype.
+    pool : a `KVPool` whose blocks this model's calls use and keep: one memory budget for every model given the same
+        pool, and (with the pool's `prefix_caching`) prompts' full blocks kept for later calls, which then compute only
+        the rest of their prompts. The budget is the pool's: `max_blocks` / `max_cache_bytes` are refused with it.
+    prefix_caching : True without a pool gives the model a private `KVPool(max_cache_bytes=...)` with prefix caching
+        (`max_cache_bytes` / `max_blocks` becoming its budget); False with a pool shares only its budget. None (the
+        default): the pool's setting, or no pool at all.
     min_shared_tokens : None (default): a call whose rows share too few prompt tokens for paging to pay (greedy or
         sampling of distinct prompts, beams of a short prompt on a small model; the rule measured in call_rule.py)
         runs on stock's own cache: the same tokens, stock's time, `cache_stats(model).paged` False. An int: calls
         sharing at least this many prompt tokens are paged, the others run on stock's cache; 0 pages every call.
-        Calls with a memory cap (`max_blocks`, `max_cache_bytes`) or compressed blocks are always paged.
+        Calls with a memory cap (`max_blocks`, `max_cache_bytes`), compressed blocks or a `pool` are always paged.
 
     Returns `model` (the object given), enabled. Enabling an enabled model updates its settings. A cache passed
     explicitly to `generate` is used as is (one an earlier call returned continues a conversation); `use_cache=False`
@@ -85,8 +96,14 @@ def enable_paged_cache(
     problem = backend_problem(backend, block_size) or kv_cache_dtype_problem(kv_cache_dtype)
     if problem:
         raise ValueError(f"enable_paged_cache: {problem}.")
+    _check_pool(pool, prefix_caching, max_blocks, max_cache_bytes)
     wrapper, model = model, transformers_model_of(model)
     _check_supported(model, wrapper)
+    if pool is None and prefix_caching:
+        if max_blocks is not None:
+            max_cache_bytes = min(max_cache_bytes or max_blocks * block_size * _bytes_per_token(model),
+                                  max_blocks * block_size * _bytes_per_token(model))
+        pool, max_blocks, max_cache_bytes = KVPool(max_cache_bytes, prefix_caching=True), None, None
     if max_cache_bytes is not None:
         per_block = block_size * _bytes_per_token(model)
         if max_cache_bytes < per_block:
@@ -102,9 +119,18 @@ def enable_paged_cache(
         kv_cache_dtype=kv_cache_dtype,
         min_shared_tokens=min_shared_tokens,
         attn_implementation=previous.attn_implementation if previous else decoder_implementation(model),
+        pool=pool,
+        prefix_caching=pool is not None and (pool.prefix_caching if prefix_caching is None else prefix_caching),
+        block_bytes=functools.partial(_pool_block_bytes, block_size=block_size, kv_cache_dtype=kv_cache_dtype),
     )
     if previous is None:
         _switch_attention(model, _stand_in(model, state.attn_implementation))
+    else:
+        _remove_forward_gate(previous)
+        if previous.pool is not None and previous.pool is not pool:
+            previous.pool.forget_model(model)
+    if pool is not None:
+        state.forward_gate = install_forward_gate(model)
     setattr(model, _STATE_ATTR, state)
     generate_patch.install(model, state)
     follow_switches(model, _on_attention_switch)
@@ -121,6 +147,9 @@ def disable_paged_cache(model: torch.nn.Module) -> torch.nn.Module:
         return model
     stop_following_switches(inner)
     restore_attention_forwards(inner)
+    _remove_forward_gate(state)
+    if state.pool is not None:
+        state.pool.forget_model(inner)
     generate_patch.uninstall(inner)
     switch_attention(inner, state.attn_implementation)
     delattr(inner, _STATE_ATTR)
@@ -180,6 +209,34 @@ def _check_settings(block_size, max_blocks, max_cache_bytes, min_shared_tokens) 
     if min_shared_tokens is not None and min_shared_tokens < 0:
         raise ValueError(f"enable_paged_cache: `min_shared_tokens` must be >= 0 (0 pages every call), or None for the "
                          f"measured rule; got {min_shared_tokens}.")
+
+
+def _check_pool(pool, prefix_caching, max_blocks, max_cache_bytes) -> None:
+    if pool is not None and not isinstance(pool, KVPool):
+        raise TypeError(f"enable_paged_cache: `pool` must be a KVPool, got {type(pool).__name__}.")
+    if prefix_caching is not None and not isinstance(prefix_caching, bool):
+        raise TypeError(f"enable_paged_cache: `prefix_caching` must be True, False or None; got {prefix_caching!r}.")
+    if pool is not None and (max_blocks is not None or max_cache_bytes is not None):
+        raise ValueError("enable_paged_cache: a model given a `pool` takes its memory budget from it; set it with "
+                         "`KVPool(max_cache_bytes=...)` instead of `max_blocks` / `max_cache_bytes`.")
+
+
+def _remove_forward_gate(state) -> None:
+    for handle in state.forward_gate:
+        handle.remove()
+    state.forward_gate = ()
+
+
+def _pool_block_bytes(model, block_size: int, kv_cache_dtype: str) -> int:
+    """Bytes of one block over all layers as a pool counts it: K/V in the model's dtype, or compressed with a scale
+    per block and KV head for each of K and V."""
+    if kv_cache_dtype == "auto":
+        return block_size * _bytes_per_token(model)
+    config = model.config.get_text_config(decoder=True)
+    per_token_elements = _bytes_per_token(model) // torch.empty((), dtype=model.dtype).element_size()
+    element_size = torch.empty((), dtype=storage_dtype(kv_cache_dtype)).element_size()
+    scales = 2 * _kv_heads_per_rank(model) * 4 * config.num_hidden_layers
+    return block_size * per_token_elements * element_size + scales
 
 
 def _check_supported(model, wrapper) -> None:

@@ -23,6 +23,10 @@ class CacheStats:
     kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8": how full blocks were stored.
     paged: False where the call ran on stock's own cache, its rows sharing too few prompt tokens for paging to pay
         (see `enable_paged_cache`'s `min_shared_tokens`): the figures are then stock's cache's, saving 0.
+    prefix_hit_tokens: with a `KVPool` (None without): prompt tokens the prompt forward did not compute because their
+        blocks were cached in the pool, summed over the rows it ran on. Calls with a pool report their own blocks in
+        `peak_blocks` / `peak_kv_bytes` (cached blocks they reused included) and the pool's storage for their model
+        in `pool_bytes`.
     """
 
     block_size: int
@@ -35,6 +39,7 @@ class CacheStats:
     prefill_rows: int | None = None
     kv_cache_dtype: str = "auto"
     paged: bool = True
+    prefix_hit_tokens: int | None = None
 
     @property
     def saving(self) -> float:

@@ -217,6 +217,174 @@ TestPagedCache = PagedCacheMachine.TestCase
 TestCompressedPagedCache = CompressedPagedCacheMachine.TestCase
 
 
+class _Model:
+    """What a pool keys a model's blocks by (its identity and dtype), without a model."""
+
+    dtype = torch.float32
+
+
+class PrefixPoolMachine(RuleBasedStateMachine):
+    """Calls on a `KVPool` with prefix caching, driven as generate() drives them: begin with the cached blocks of a
+    prompt (a hit), compute the rest, leave the prompt's full blocks cached (an insert), decode, release; meanwhile
+    caches kept open (blocks not evictable), a budget forcing evictions, `clear` and `trim`. Each token's K/V is a
+    function of the tokens up to it, so a cached block serving a prompt must hold exactly what computing it gives."""
+
+    @initialize(block_size=st.sampled_from([1, 2, 4]), budget=st.one_of(st.none(), st.integers(6, 40)),
+                data=st.data())
+    def start(self, block_size, budget, data):
+        from paged_generate import KVPool
+
+        self.pool = KVPool(max_cache_bytes=budget)
+        self.model = _Model()
+        self.space = self.pool._space_of(self.model, block_size, "auto", 1)  # 1 byte a block: the budget in blocks
+        self.block_size = block_size
+        # A few stems that prompts begin with, so that prompts share prefixes of every length.
+        self.stems = [data.draw(st.lists(st.integers(3, 6), min_size=1, max_size=12)) for _ in range(3)]
+        self.open = []  # (cache, token rows) of calls kept open
+
+    def _kv(self, layer, prefix):
+        """K or V [heads, head_dim] of the last token of `prefix` at `layer`."""
+        generator = torch.Generator().manual_seed(hash((layer, tuple(prefix))) % (2**31))
+        return torch.randn(2, HEADS, HEAD_DIM, generator=generator)
+
+    def _rows_kv(self, layer, rows, start, end):
+        """[num_rows, heads, end - start, head_dim] K and V of rows' tokens start..end-1."""
+        kv = torch.stack([torch.stack([self._kv(layer, row[: p + 1]) for p in range(start, end)], 2) for row in rows])
+        return kv[:, 0], kv[:, 1]
+
+    def _new_cache(self):
+        from paged_generate.pooled_cache import PooledCache
+
+        cache = PooledCache(space=self.space, prefix_caching=True, num_layers=NUM_LAYERS, block_size=self.block_size)
+        for layer in cache.layers:
+            layer.set_stock_window(None)
+        self.space.caches.add(cache)
+        return cache
+
+    def _forward(self, cache, rows, start):
+        """Compute rows' tokens from `start` on, as a model's forward would (planned by the pool first)."""
+        end = len(rows[0])
+        cache.enter_forward(len(rows), end - start)
+        try:
+            for layer in range(NUM_LAYERS):
+                cache.update(*self._rows_kv(layer, rows, start, end), layer)
+        finally:
+            cache.leave_forward()
+
+    @rule(stem=st.integers(0, 2), cut=st.integers(0, 12), tails=st.lists(st.lists(st.integers(3, 6), max_size=6),
+                                                                          min_size=1, max_size=3),
+          decode=st.integers(0, 3), keep_open=st.booleans())
+    def call(self, stem, cut, tails, decode, keep_open):
+        from paged_generate.patches.prefix_hits import PromptKeys
+
+        OPERATIONS["count"] += 1
+        base = self.stems[stem][:cut]
+        rows = [base + tail for tail in tails]
+        width = max(len(row) for row in rows)
+        rows = [[3] * (width - len(row)) + row for row in rows]  # one length, as generate() pads
+        if width == 0:
+            return
+        hits_before = self.pool.stats().hits
+        cache = self._new_cache()
+        try:
+            fields = np.stack([np.array(rows), np.ones((len(rows), width)), np.tile(np.arange(width), (len(rows), 1))],
+                              -1).astype(np.int64)
+            keys = PromptKeys(fields, self.block_size)
+            cached = cache.attach_prefix(keys.reusable)
+            assert cached % self.block_size == 0 and cached < width
+            assert self.pool.stats().hits - hits_before == len(rows) * cached // self.block_size
+            self._forward(cache, rows, cached)
+            self._check_rows(cache, rows)  # the hit's blocks hold what computing them gives
+            cache.cache_prompt(keys.full)
+            for step in range(decode):
+                rows = [row + [3 + (step + i) % 4] for i, row in enumerate(rows)]
+                self._forward(cache, rows, len(rows[0]) - 1)
+            self._check_rows(cache, rows)
+        except OutOfBlocksError:
+            assert self.pool.max_cache_bytes is not None
+            cache.release()
+            return
+        if keep_open and len(self.open) < 3:
+            self.open.append((cache, rows))
+        else:
+            cache.release()
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data())
+    def release_open(self, data):
+        OPERATIONS["count"] += 1
+        cache, rows = self.open.pop(data.draw(st.integers(0, len(self.open) - 1)))
+        self._check_rows(cache, rows)
+        cache.release()
+
+    @rule()
+    def clear(self):
+        OPERATIONS["count"] += 1
+        self.pool.clear()
+        assert self.space.index.num_cached == 0
+        held = [c.tables.tables.ravel() for c, _ in self.open]  # open calls may share blocks a hit gave them
+        assert self.space.allocator.num_used == (len(np.unique(np.concatenate(held))) if held else 0)
+
+    @rule()
+    def trim(self):
+        OPERATIONS["count"] += 1
+        self.pool.trim()
+        assert self.space.allocator.capacity == self.space.allocator.highest_used() + 1
+
+    def _check_rows(self, cache, rows):
+        seq_len = cache.get_seq_length()
+        assert seq_len == len(rows[0])
+        tables = torch.from_numpy(cache.tables.tables).to(torch.int32)
+        for index, layer in enumerate(cache.layers):
+            keys, values = self._rows_kv(index, rows, 0, seq_len)
+            assert torch.equal(gather_kv(layer.keys, tables, seq_len), keys)
+            assert torch.equal(gather_kv(layer.values, tables, seq_len), values)
+
+    @invariant()
+    def counts_are_the_open_calls_and_the_index(self):
+        if not hasattr(self, "space"):
+            return
+        allocator, index = self.space.allocator, self.space.index
+        references = np.zeros(allocator.capacity, dtype=np.int64)
+        for cache, _ in self.open:
+            references += np.bincount(cache.tables.tables.ravel(), minlength=allocator.capacity)
+        cached = index.cached_blocks()
+        references[cached] += 1
+        np.testing.assert_array_equal(allocator.ref_counts, references)
+        assert allocator.num_used == np.count_nonzero(references)
+        if self.pool.max_cache_bytes is not None:
+            assert self.pool.stats().bytes_held <= self.pool.max_cache_bytes
+
+    @invariant()
+    def every_cached_block_holds_its_tokens_kv(self):
+        """Whatever was evicted, trimmed or resized, a cached block holds the K/V of the tokens its key chain names."""
+        if not hasattr(self, "space"):
+            return
+        index, storage = self.space.index, self.space.storage
+        for entry, block in index._block.items():
+            chain, parent = [], entry
+            while parent:
+                parent, key = index._parent_key[parent]
+                chain.insert(0, np.frombuffer(key, dtype=np.int64).reshape(self.block_size, 3)[:, 0].tolist())
+            tokens = sum(chain, [])
+            for layer, tensors in storage.items():
+                # K and V fused [capacity, block_size, 2, heads, head_dim] (the PyTorch path), or a pool each
+                keys, values = (tensors[0][:, :, 0], tensors[0][:, :, 1]) if len(tensors) == 1 else tensors
+                expected = self._rows_kv(layer, [tokens], len(tokens) - self.block_size, len(tokens))
+                assert torch.equal(keys[block], expected[0][0].transpose(0, 1))
+                assert torch.equal(values[block], expected[1][0].transpose(0, 1))
+
+    def teardown(self):
+        if hasattr(self, "pool"):
+            for cache, _ in self.open:
+                cache.release()
+            self.pool.clear()
+            assert self.pool.stats().blocks_held == 0
+
+
+TestPrefixPool = PrefixPoolMachine.TestCase
+
+
 def test_report_operation_count():
     # Runs after the machine (file order): the number of cache operations this run exercised.
     print(f"\nhypothesis exercised {OPERATIONS['count']} cache operations")

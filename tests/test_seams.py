@@ -7,7 +7,7 @@ from transformers import GenerationConfig, GenerationMixin, LlamaForCausalLM
 
 from paged_generate.patches.compat import CACHE_KWARG
 from paged_generate.patches.generate import PATCHED_METHODS
-from tiny_models import tiny_model
+from tiny_models import left_padded_prompts, tiny_model
 
 
 def _params(method):
@@ -310,6 +310,55 @@ def test_prompt_forward_tensors_of_a_text_prompt_are_row_inputs():
         assert set(tensors) <= _ROW_INPUTS, _moved(f"{name}'s prompt forward takes {sorted(set(tensors) - _ROW_INPUTS)}")
         assert all(value.shape[_batch_dim(key, value)] == 3 for key, value in tensors.items()), _moved(
             f"{name}'s prompt forward inputs hold rows along another dimension")
+
+
+def test_weights_version_counters_move_with_in_place_writes_and_optimizer_steps():
+    # patches/weights_version.py: a pool drops a model's cached blocks when its weights change, seen through torch's
+    # per-tensor `_version` counters.
+    from paged_generate.patches.weights_version import weights_fingerprint
+
+    model = tiny_model("llama")
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(model) == before
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.0)
+    after_write = weights_fingerprint(model)
+    assert after_write != before, _moved("an in-place write no longer bumps a parameter's `_version`")
+    model.model.embed_tokens.weight.grad = torch.zeros_like(model.model.embed_tokens.weight)
+    torch.optim.SGD([model.model.embed_tokens.weight], lr=0.1).step()
+    assert weights_fingerprint(model) != after_write, _moved("an optimizer step no longer bumps `_version`")
+
+
+def test_prefill_with_a_cache_holding_the_prompt_start_computes_only_the_rest():
+    # patches/prefix_hits.py: `_prefill` given a cache already holding a prompt's first tokens, the remaining input
+    # ids and the attention mask of the whole prompt neither cuts the ids again nor restarts the positions (the
+    # multi-turn convention of "only the new tokens"), left padding included.
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    input_ids, mask = left_padded_prompts((14, 9), seed=3)
+    stock = model.generate(input_ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0, do_sample=False)
+    cached = 8
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids[:, :cached], attention_mask=mask[:, :cached],
+              position_ids=(mask[:, :cached].cumsum(-1) - 1).clamp(min=0), use_cache=True, **{CACHE_KWARG: cache})
+    seen = []
+    prefill = model._prefill
+
+    def spy(ids, generation_config, model_kwargs, *args, **kwargs):
+        seen.append(ids.shape[1])
+        return prefill(ids, generation_config, model_kwargs, *args, **kwargs)
+
+    model._prefill = spy
+    try:
+        out = model.generate(input_ids[:, cached:], attention_mask=mask, max_new_tokens=4, pad_token_id=0,
+                             do_sample=False, **{CACHE_KWARG: cache})
+    finally:
+        del model._prefill
+    assert seen == [input_ids.shape[1] - cached]
+    assert torch.equal(out[:, -4:], stock[:, -4:]), _moved(
+        "_prefill no longer continues a cache from the remaining ids with the whole prompt's mask")
 
 
 def test_a_cache_swapped_in_at_the_prompt_forward_serves_the_whole_call():

@@ -44,6 +44,10 @@ PAGED_MODES = frozenset({
     GenerationMode.BEAM_SAMPLE,
     GenerationMode.ASSISTED_GENERATION,
 })
+# Those whose prompt forward may start from a pool's cached blocks and leave its prompt blocks cached: not the target's
+# cache in assisted decoding, whose verification forwards are cropped back (the assistant's own calls are greedy or
+# sampling: their first prompt forward may use the pool's blocks, and later rounds continue that cache).
+PREFIX_CACHING_MODES = PAGED_MODES - {GenerationMode.ASSISTED_GENERATION}
 
 
 @dataclass
@@ -74,23 +78,35 @@ class PluginState:
     backend: str = "auto"
     kv_cache_dtype: str = "auto"
     min_shared_tokens: int | None = None  # see call_rule.py; None: the measured rule
+    # A KVPool the model's calls take their blocks from (None: each call sizes and frees its own), whether they keep
+    # and reuse prompts' blocks in it, and `block_bytes(model)`, the bytes of one block as the pool counts them.
+    pool: Any = None
+    prefix_caching: bool = False
+    block_bytes: Any = None
+    forward_gate: tuple = ()  # the pool's forward hooks on the model (see pool.install_forward_gate)
     last_stats: CacheStats | None = None
     current_call: ContextVar = field(default_factory=lambda: ContextVar("paged_generate_call", default=None))
     # Lists that every cache this model's calls create is appended to (see capture.py).
     watchers: list = field(default_factory=list)
 
-    def new_cache(self, model) -> PagedCache:
-        cache = PagedCache.from_model(model, block_size=self.block_size, max_blocks=self.max_blocks,
-                                      backend=self.backend, kv_cache_dtype=self.kv_cache_dtype)
+    def new_cache(self, model, prefix_caching: bool = True) -> PagedCache:
+        if self.pool is not None:
+            cache = self.pool.new_cache(model, block_size=self.block_size, kv_cache_dtype=self.kv_cache_dtype,
+                                        backend=self.backend, block_bytes=self.block_bytes,
+                                        prefix_caching=self.prefix_caching and prefix_caching)
+        else:
+            cache = PagedCache.from_model(model, block_size=self.block_size, max_blocks=self.max_blocks,
+                                          backend=self.backend, kv_cache_dtype=self.kv_cache_dtype)
         for watcher in self.watchers:
             watcher.append(cache)
         return cache
 
     @property
     def always_paged(self) -> bool:
-        """Whether every call needs the paged cache: what the user asked for (a memory cap, compressed blocks) only it
-        does."""
-        return self.min_shared_tokens == 0 or self.max_blocks is not None or self.kv_cache_dtype != "auto"
+        """Whether every call needs the paged cache: what the user asked for (a memory cap, compressed blocks, a pool
+        keeping blocks across calls) only it does."""
+        return (self.min_shared_tokens == 0 or self.max_blocks is not None or self.kv_cache_dtype != "auto"
+                or self.pool is not None)
 
 
 def install(model, state: PluginState) -> None:
@@ -212,11 +228,12 @@ def _prepare_cache(original, state: PluginState):
             # Whether paging pays is known at the prompt forward (`_prefill`), which may hand the call to this cache.
             original(self, generation_config, model_kwargs, *args, **kwargs)
             record.stock_cache = model_kwargs.get(CACHE_KWARG)
-        cache = state.new_cache(self)
+        cache = state.new_cache(self, prefix_caching=generation_mode in PREFIX_CACHING_MODES)
         shares_nothing = (generation_config.num_beams or 1) == 1 and (generation_config.num_return_sequences or 1) == 1
-        if shares_nothing and not uses_triton(state.backend, self.device, state.block_size):
+        if shares_nothing and state.pool is None and not uses_triton(state.backend, self.device, state.block_size):
             # The PyTorch path reads rows in place when each keeps a run of blocks: the cache places the rows
-            # max_length apart (the kernels read through the tables, so GPU memory is not set aside for that).
+            # max_length apart (the kernels read through the tables, so GPU memory is not set aside for that; nor
+            # does a pool's storage, which the calls of its models share).
             cache.expected_seq_len = generation_config.max_length
         record.caches.append(cache)
         model_kwargs[CACHE_KWARG] = cache

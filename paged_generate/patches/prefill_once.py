@@ -20,7 +20,9 @@ import torch
 from transformers.utils import ModelOutput
 
 from ..cache import PagedCache
+from . import prefix_hits
 from .compat import CACHE_KWARG
+from .prefix_hits import holds_tensors as _holds_tensors
 
 __all__ = ["PrefillRows", "PromptInputs", "capture_prompt_inputs", "equal_prompts", "prefill_once"]
 
@@ -95,9 +97,10 @@ class PrefillRows:
 
 
 def prefill_once(original, prompt_inputs_of, stock_cache_unless_paging_pays):
-    """`_prefill` computing each distinct prompt once; `prompt_inputs_of()` gives the call's `PromptInputs` (or None,
-    where generate() repeated nothing). `stock_cache_unless_paging_pays(model, shared_tokens, new_tokens)` gives
-    stock's cache for a call that should run on it (the prompt tokens its rows share pay too little), else None."""
+    """`_prefill` computing each distinct prompt once, and with a pool only what its cached blocks do not hold (see
+    prefix_hits.py); `prompt_inputs_of()` gives the call's `PromptInputs` (or None, where generate() repeated
+    nothing). `stock_cache_unless_paging_pays(model, shared_tokens, new_tokens)` gives stock's cache for a call that
+    should run on it (the prompt tokens its rows share pay too little), else None."""
 
     def prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True, *args, **kwargs):
         cache = model_kwargs.get(CACHE_KWARG)
@@ -109,22 +112,32 @@ def prefill_once(original, prompt_inputs_of, stock_cache_unless_paging_pays):
             if stock_cache is not None:
                 model_kwargs[CACHE_KWARG] = stock_cache
                 return original(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
-        if plan is None:
+        rows, inputs = plan if plan is not None else (None, model_kwargs)
+        computed_ids = input_ids[rows.computed] if rows is not None else input_ids
+        keys = prefix_hits.prompt_keys(self, cache, computed_ids, inputs, generation_config)
+        if keys is not None and _drops_out(self):  # K/V drawn under dropout: neither reused nor kept
+            keys = None
+        if plan is None and keys is None:
             if isinstance(cache, PagedCache) and cache.prefill_rows is None:
                 cache.prefill_rows = input_ids.shape[0]
             return original(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
-        rows, inputs = plan
-        cache.prefill_rows = rows.num_computed
+        cache.prefill_rows = computed_ids.shape[0]
         # Rows forked from one computed row share its blocks: they are not laid out in runs of their own.
         cache.expected_seq_len = None
-        outputs = original(self, input_ids[rows.computed], generation_config, inputs, is_first_iteration, *args,
-                           **kwargs)
-        if cache.get_seq_length() == 0:
+        cached = cache.attach_prefix(keys.reusable) if keys is not None else 0
+        if cached:
+            computed_ids, inputs = prefix_hits.remainder(computed_ids, inputs, cached)
+        outputs = original(self, computed_ids, generation_config, inputs, is_first_iteration, *args, **kwargs)
+        if cache.get_seq_length() == cached:
             raise ValueError(
                 "paged-generate: the prompt forward stored its keys and values in a cache other than the paged one "
                 "generate() prepared (PEFT's prefix tuning hands the model a cache of its own), so the rows of each "
                 "prompt cannot share it. Run this model without the plugin: `disable_paged_cache(model)`."
             )
+        if keys is not None:
+            cache.cache_prompt(keys.full)
+        if rows is None:
+            return outputs
         cache.fork_rows(rows.source)
         return _spread(outputs, rows)
 
@@ -236,16 +249,6 @@ def _drops_out(model) -> bool:
 def _batch_dim(key: str, value: torch.Tensor) -> int:
     # generate() expands multimodal position ids [3 or 4, rows, len] along dimension 1 (`_expand_inputs_for_generation`).
     return 1 if key == "position_ids" and value.ndim == 3 else 0
-
-
-def _holds_tensors(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, dict):  # model outputs are dicts
-        return any(_holds_tensors(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_holds_tensors(item) for item in value)
-    return False
 
 
 def _prompt_inputs(model_kwargs: dict, prompt_inputs: PromptInputs) -> dict | None:
