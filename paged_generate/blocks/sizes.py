@@ -1,10 +1,19 @@
-"""Block-size arithmetic, and the one rule a block size follows."""
+"""Block-size arithmetic, the one rule a block size follows, and the block size `block_size="auto"` picks."""
 
 from __future__ import annotations
 
-__all__ = ["MAX_BLOCK_SIZE", "block_size_problem", "cdiv"]
+__all__ = ["AUTO", "AUTO_BLOCK_SIZES", "AUTO_LONG_BLOCK_SIZE", "MAX_BLOCK_SIZE", "auto_block_size",
+           "block_size_problem", "cdiv"]
 
 MAX_BLOCK_SIZE = 256
+AUTO = "auto"
+# block_size="auto" (enable_paged_cache's default), per call whose rows share blocks (beams or samples): the first
+# (tokens per row up to, block size) pair whose bound the call's max_length is within; longer rows, and calls whose rows
+# share nothing, take AUTO_LONG_BLOCK_SIZE. Small blocks share more (a row's own blocks start at the block where it
+# diverges, and its last block is partly empty); what they cost is bookkeeping per block (see the README's block-size
+# table, benchmarks/block_size.py). On the Triton kernels the size is at least their minimum (kernels/limits.py).
+AUTO_BLOCK_SIZES = ((256, 4), (2048, 8))
+AUTO_LONG_BLOCK_SIZE = 16
 
 
 def cdiv(a: int, b: int) -> int:
@@ -16,4 +25,14 @@ def block_size_problem(block_size: int) -> str | None:
     """Why `block_size` (an int) is not a valid block size, or None: it must be a power of two in [1, 256]."""
     if 1 <= block_size <= MAX_BLOCK_SIZE and not block_size & (block_size - 1):
         return None
-    return f"block_size={block_size} must be a power of two between 1 and {MAX_BLOCK_SIZE} (16 is the default)"
+    return f"block_size={block_size} must be a power of two between 1 and {MAX_BLOCK_SIZE}"
+
+
+def auto_block_size(max_length: int, *, shares_rows: bool, min_block_size: int = 1) -> int:
+    """The block size `block_size="auto"` resolves to for a call whose rows hold at most `max_length` tokens
+    (prompt + max_new_tokens); `shares_rows`: it has beams or samples; `min_block_size`: the kernels' minimum when they
+    serve the call."""
+    chosen = AUTO_LONG_BLOCK_SIZE
+    if shares_rows:
+        chosen = next((size for bound, size in AUTO_BLOCK_SIZES if max_length <= bound), AUTO_LONG_BLOCK_SIZE)
+    return max(chosen, min_block_size)

@@ -23,7 +23,10 @@ from transformers.utils import ModelOutput
 
 from ..attention.stock import weights_wanted
 from ..backend import uses_triton
+from ..blocks.sizes import AUTO, auto_block_size
+from ..budget import CacheBudget
 from ..cache import PagedCache, forget_handed_over
+from ..kernels import MIN_BLOCK_SIZE
 from ..stats import CacheStats
 from .compat import CACHE_KWARG
 from .prefill_once import PromptInputs, capture_prompt_inputs, prefill_once
@@ -64,18 +67,32 @@ class PluginState:
     which `disable_paged_cache` restores; the model runs its paged stand-in while enabled.
     """
 
-    block_size: int
+    block_size: int | str  # or "auto": resolved per call (`block_size_for`)
     max_blocks: int | None
     attn_implementation: Any
     backend: str = "auto"
     kv_cache_dtype: str = "auto"
+    budget: CacheBudget | None = None  # max_cache_bytes, turned into blocks per call
     last_stats: CacheStats | None = None
     current_call: ContextVar = field(default_factory=lambda: ContextVar("paged_generate_call", default=None))
     # Lists that every cache this model's calls create is appended to (see capture.py).
     watchers: list = field(default_factory=list)
 
-    def new_cache(self, model) -> PagedCache:
-        cache = PagedCache.from_model(model, block_size=self.block_size, max_blocks=self.max_blocks,
+    def block_size_for(self, device, max_length: int, shares_rows: bool) -> int:
+        """The block size of a call on `device` whose rows hold at most `max_length` tokens and share blocks (beams or
+        samples) or not: the one given to `enable_paged_cache`, or what "auto" picks (`blocks/sizes.py`)."""
+        if self.block_size != AUTO:
+            return self.block_size
+        kernels = uses_triton(self.backend, device, MIN_BLOCK_SIZE)
+        return auto_block_size(max_length, shares_rows=shares_rows, min_block_size=MIN_BLOCK_SIZE if kernels else 1)
+
+    def new_cache(self, model, block_size: int, rows: int) -> PagedCache:
+        """A cache for a call of `rows` rows (beams and samples included) in blocks of `block_size` tokens."""
+        max_blocks = self.max_blocks
+        if self.budget is not None:
+            within = self.budget.max_blocks(block_size, rows)
+            max_blocks = within if max_blocks is None else min(max_blocks, within)
+        cache = PagedCache.from_model(model, block_size=block_size, max_blocks=max_blocks,
                                       backend=self.backend, kv_cache_dtype=self.kv_cache_dtype)
         for watcher in self.watchers:
             watcher.append(cache)
@@ -174,9 +191,14 @@ def _prepare_cache(original, state: PluginState):
         )
         if not wants_default_cache:
             return original(self, generation_config, model_kwargs, *args, **kwargs)
-        cache = state.new_cache(self)
-        shares_nothing = (generation_config.num_beams or 1) == 1 and (generation_config.num_return_sequences or 1) == 1
-        if shares_nothing and not uses_triton(state.backend, self.device, state.block_size):
+        expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        shares_nothing = expand == 1
+        batch_size, max_cache_length = _call_sizes(args, kwargs)
+        # Tokens per row: prompt + max_new_tokens (the cache holds one fewer; inputs_embeds prompts counted).
+        max_length = generation_config.max_length if max_cache_length is None else max_cache_length + 1
+        block_size = state.block_size_for(self.device, max_length, not shares_nothing)
+        cache = state.new_cache(self, block_size, (batch_size or 1) * expand)
+        if shares_nothing and not uses_triton(state.backend, self.device, block_size):
             # The PyTorch path reads rows in place when each keeps a run of blocks: the cache places the rows
             # max_length apart (the kernels read through the tables, so GPU memory is not set aside for that).
             cache.expected_seq_len = generation_config.max_length
@@ -190,3 +212,11 @@ def _prepare_cache(original, state: PluginState):
             cache.activate_past_recording()
 
     return prepare_cache_for_generation
+
+
+def _call_sizes(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
+    """(batch_size, max_cache_length) of `_prepare_cache_for_generation(generation_config, model_kwargs,
+    generation_mode, batch_size, max_cache_length)`, given after its first two arguments; None where not given."""
+    named = ("generation_mode", "batch_size", "max_cache_length")
+    values = dict(zip(named, args), **{key: kwargs[key] for key in named if key in kwargs})
+    return values.get("batch_size"), values.get("max_cache_length")
