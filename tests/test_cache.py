@@ -174,11 +174,11 @@ def test_bad_settings_are_refused(model, kwargs, error):
 
 def test_max_cache_bytes_becomes_a_block_cap(model):
     per_block = 16 * 2 * 2 * 16 * 4 * model.config.num_hidden_layers
-    enable_paged_cache(model, max_cache_bytes=10 * per_block + 1)
+    enable_paged_cache(model, block_size=16, max_cache_bytes=10 * per_block + 1)
     try:
-        with pytest.raises(OutOfBlocksError, match="max_blocks=10") as error:
+        with pytest.raises(OutOfBlocksError, match=f"max_cache_bytes={10 * per_block + 1}") as error:
             model.generate(torch.randint(3, 90, (1, 100)), max_new_tokens=80, num_beams=4, pad_token_id=0)
-        assert error.value.max_blocks == 10
+        assert error.value.max_blocks == 10 and error.value.needed_bytes > 10 * per_block + 1
     finally:
         disable_paged_cache(model)
 

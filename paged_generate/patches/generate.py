@@ -86,14 +86,12 @@ class PluginState:
         kernels = uses_triton(self.backend, device, MIN_BLOCK_SIZE)
         return auto_block_size(max_length, shares_rows=shares_rows, min_block_size=MIN_BLOCK_SIZE if kernels else 1)
 
-    def new_cache(self, model, block_size: int, rows: int) -> PagedCache:
-        """A cache for a call of `rows` rows (beams and samples included) in blocks of `block_size` tokens."""
-        max_blocks = self.max_blocks
-        if self.budget is not None:
-            within = self.budget.max_blocks(block_size, rows)
-            max_blocks = within if max_blocks is None else min(max_blocks, within)
-        cache = PagedCache.from_model(model, block_size=block_size, max_blocks=max_blocks,
+    def new_cache(self, model, block_size: int) -> PagedCache:
+        """A cache for a call in blocks of `block_size` tokens, capped at `max_cache_bytes` if given."""
+        cache = PagedCache.from_model(model, block_size=block_size, max_blocks=self.max_blocks,
                                       backend=self.backend, kv_cache_dtype=self.kv_cache_dtype)
+        if self.budget is not None:
+            cache.allocator.byte_cap = self.budget.cap(block_size)
         for watcher in self.watchers:
             watcher.append(cache)
         return cache
@@ -193,11 +191,11 @@ def _prepare_cache(original, state: PluginState):
             return original(self, generation_config, model_kwargs, *args, **kwargs)
         expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         shares_nothing = expand == 1
-        batch_size, max_cache_length = _call_sizes(args, kwargs)
+        max_cache_length = _max_cache_length(args, kwargs)
         # Tokens per row: prompt + max_new_tokens (the cache holds one fewer; inputs_embeds prompts counted).
         max_length = generation_config.max_length if max_cache_length is None else max_cache_length + 1
         block_size = state.block_size_for(self.device, max_length, not shares_nothing)
-        cache = state.new_cache(self, block_size, (batch_size or 1) * expand)
+        cache = state.new_cache(self, block_size)
         if shares_nothing and not uses_triton(state.backend, self.device, block_size):
             # The PyTorch path reads rows in place when each keeps a run of blocks: the cache places the rows
             # max_length apart (the kernels read through the tables, so GPU memory is not set aside for that).
@@ -214,9 +212,9 @@ def _prepare_cache(original, state: PluginState):
     return prepare_cache_for_generation
 
 
-def _call_sizes(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
-    """(batch_size, max_cache_length) of `_prepare_cache_for_generation(generation_config, model_kwargs,
-    generation_mode, batch_size, max_cache_length)`, given after its first two arguments; None where not given."""
-    named = ("generation_mode", "batch_size", "max_cache_length")
-    values = dict(zip(named, args), **{key: kwargs[key] for key in named if key in kwargs})
-    return values.get("batch_size"), values.get("max_cache_length")
+def _max_cache_length(args: tuple, kwargs: dict) -> int | None:
+    """`max_cache_length` of `_prepare_cache_for_generation(generation_config, model_kwargs, generation_mode,
+    batch_size, max_cache_length)`, given after its first two arguments; None where not given."""
+    if len(args) >= 3:
+        return args[2]
+    return kwargs.get("max_cache_length")
