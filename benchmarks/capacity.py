@@ -191,13 +191,17 @@ def plot(rows: list[dict], shapes: list[str], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
-        for config, color in zip(CONFIGS, ("black", "tab:blue", "tab:orange", "tab:green")):
-            for mode, style in zip(MODES, ("-", "--")):
+        budgets = sorted({r["budget_mib"] for r in rows})
+        # Lines that coincide (samples and guaranteed beams; int8 and fp8) stay visible: markers of different sizes.
+        for config, color, marker in zip(CONFIGS, ("black", "tab:blue", "tab:orange", "tab:green"), "osDx"):
+            for mode, style, size in zip(MODES, ("-", "--"), (9, 5)):
                 points = sorted((r["budget_mib"], r["width"]) for r in rows
                                 if (r["shape"], r["config"], r["mode"]) == (shape, config, mode))
-                ax.plot(*zip(*points), style, marker="o", color=color, label=f"{config} {mode}s")
+                ax.plot(*zip(*points), style, marker=marker, markersize=size, color=color, label=f"{config} {mode}s")
         ax.set(xscale="log", yscale="log", xlabel="KV budget (MiB)", ylabel="largest width that completes",
                title=f"prompt {shape.replace('/', ' / ')} new {SHAPE_NAMES.get(shape, '')}".strip())
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
