@@ -191,10 +191,11 @@ def _prepare_cache(original, state: PluginState):
             return original(self, generation_config, model_kwargs, *args, **kwargs)
         expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         shares_nothing = expand == 1
-        max_cache_length = _max_cache_length(args, kwargs)
+        batch_size, max_cache_length = _call_sizes(args, kwargs)
         # Tokens per row: prompt + max_new_tokens (the cache holds one fewer; inputs_embeds prompts counted).
         max_length = generation_config.max_length if max_cache_length is None else max_cache_length + 1
-        block_size = state.block_size_for(self.device, max_length, not shares_nothing)
+        # Rows may share blocks with beams or samples, or when several rows may repeat a prompt (computed once).
+        block_size = state.block_size_for(self.device, max_length, not shares_nothing or (batch_size or 1) > 1)
         cache = state.new_cache(self, block_size)
         if shares_nothing and not uses_triton(state.backend, self.device, block_size):
             # The PyTorch path reads rows in place when each keeps a run of blocks: the cache places the rows
@@ -212,9 +213,9 @@ def _prepare_cache(original, state: PluginState):
     return prepare_cache_for_generation
 
 
-def _max_cache_length(args: tuple, kwargs: dict) -> int | None:
-    """`max_cache_length` of `_prepare_cache_for_generation(generation_config, model_kwargs, generation_mode,
-    batch_size, max_cache_length)`, given after its first two arguments; None where not given."""
-    if len(args) >= 3:
-        return args[2]
-    return kwargs.get("max_cache_length")
+def _call_sizes(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
+    """(batch_size, max_cache_length) of `_prepare_cache_for_generation(generation_config, model_kwargs,
+    generation_mode, batch_size, max_cache_length)`, given after its first two arguments; None where not given."""
+    named = ("generation_mode", "batch_size", "max_cache_length")
+    values = dict(zip(named, args), **{key: kwargs[key] for key in named if key in kwargs})
+    return values.get("batch_size"), values.get("max_cache_length")
