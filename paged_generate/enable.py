@@ -64,7 +64,7 @@ def enable_paged_cache(
     max_blocks : cap on the blocks one generate() call may hold; exceeding it raises `OutOfBlocksError`.
     max_cache_bytes : the same cap in bytes of K/V over all layers, as `cache_stats().peak_kv_bytes` counts them: with
         int8 / fp8 blocks, compressed full blocks with their scales and each row's partial block in the model's dtype.
-        Converted to blocks per call (for its block size and rows); with `max_blocks` too, the smaller cap applies.
+        Checked before every allocation of a call, at its block size; with `max_blocks` too, both caps apply.
     backend : "auto" (Triton kernels for CUDA layers, PyTorch elsewhere), "triton" or "torch" to force one. The
         environment variable PAGED_GENERATE_BACKEND overrides "auto".
     kv_cache_dtype : "auto" (K/V in the model's dtype: token-identical to stock), "int8" or "fp8" (float8 e4m3): full
