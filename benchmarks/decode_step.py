@@ -1,6 +1,7 @@
 """Time of one decoding forward, stock `DynamicCache` vs `PagedCache`, paired step by step.
 
-    python benchmarks/decode_step.py [--rounds 10] [--cases SUBSTRING,...] [--out benchmarks/results/decode_step.json]
+    python benchmarks/decode_step.py [--rounds 10] [--model 4-layer|100M] [--cases "NAME;..."]
+                                     [--out benchmarks/results/decode_step.json]
 
 End-to-end runs of a short generate() call move by several percent from one run to the next on a shared machine, more
 than the plugin's own per-step cost. Here two copies of the 4-layer GQA Llama of benchmarks/speed.py (one stock, one
@@ -36,6 +37,8 @@ from paged_generate.patches.compat import CACHE_KWARG
 CASES = {
     "greedy, batch 1, prompt 128, 128 steps": dict(rows=1, prompt_len=128, steps=128),
     "greedy, batch 4, prompt 128, 128 steps": dict(rows=4, prompt_len=128, steps=128),
+    "4 beams, prompt 32, 128 steps": dict(rows=4, prompt_len=32, steps=128, fork=True, reorder=True),
+    "8 beams, prompt 16, 128 steps": dict(rows=8, prompt_len=16, steps=128, fork=True, reorder=True),
     "8 beams, prompt 32, 128 steps": dict(rows=8, prompt_len=32, steps=128, fork=True, reorder=True),
     "8 beams, prompt 128, 128 steps": dict(rows=8, prompt_len=128, steps=128, fork=True, reorder=True),
     "8 samples, prompt 128, 128 steps": dict(rows=8, prompt_len=128, steps=128, fork=True),
@@ -118,18 +121,20 @@ def paired_steps(stock_model, paged_model, case: dict, rounds: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10, help="prompts decoded per case (each a fresh pair of caches)")
-    parser.add_argument("--cases", default="", help="comma-separated substrings of the case names to run (default: all)")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "decode_step.json"))
+    parser.add_argument("--model", choices=("4-layer", "100M"), default="4-layer")
+    parser.add_argument("--cases", default=";".join(CASES), help="case names separated by ;")
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/decode_step.json, or "
+                                      "decode_step_100M.json)")
     args = parser.parse_args(argv)
-    wanted = [name for name in CASES if not args.cases or any(part in name for part in args.cases.split(","))]
-    stock_model = build_model()
+    out = args.out or str(RESULTS_DIR / ("decode_step.json" if args.model == "4-layer" else "decode_step_100M.json"))
+    stock_model = build_model(args.model)
     paged_model = copy.deepcopy(stock_model)
-    enable_paged_cache(paged_model)
+    enable_paged_cache(paged_model, min_shared_tokens=0)  # the paged path's steps, whatever the call rule
     results = {}
-    print("| case | steps timed | stock us / step (median) | paged us / step (median) | paged - stock, paired (median) "
-          "| bookkeeping us / step |")
+    print("| case | steps timed | stock us / step (median) | paged us / step (median) "
+          "| paged - stock, paired (median) | bookkeeping us / step |")
     print("|---|---|---|---|---|---|")
-    for name in wanted:
+    for name in args.cases.split(";"):
         case = CASES[name]
         result = results[name] = paired_steps(stock_model, paged_model, case, args.rounds)
         if case.get("wide"):
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {result['steps_timed']} | {result['stock_us']:.0f} | {result['paged_us']:.0f} "
               f"| {result['paired_extra_us']:+.0f} us ({100 * result['paired_extra_fraction']:+.1f}%) | {bookkeeping} |",
               flush=True)
-    write_json(args.out, {**run_info(), "results": results})
+    write_json(out, {**run_info(), "model": args.model, "results": results})
     return 0
 
 

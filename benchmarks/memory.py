@@ -153,7 +153,7 @@ def run_single(spec: str, device: str, threads: int, dtype: str = "float32") -> 
     model = build_model(device, dtype)
     prompt = make_prompt(prompt_len, model.config.vocab_size, device)
     if run.startswith("paged"):
-        enable_paged_cache(model, kv_cache_dtype=run.partition("-")[2] or "auto")
+        enable_paged_cache(model, kv_cache_dtype=run.partition("-")[2] or "auto", min_shared_tokens=0)
     elif run != "stock":
         raise ValueError(f"unknown run {run!r}; expected stock, paged, paged-int8 or paged-fp8")
     # Baseline after the model and prompt exist: peak minus baseline is what generate() itself added.

@@ -99,7 +99,7 @@ def make_cache(model, kind: str):
     if kind == "full":
         return DynamicCache(config=model.config)
     if kind.startswith("paged-"):
-        enable_paged_cache(model)
+        enable_paged_cache(model, min_shared_tokens=0)
         return PagedCache.from_model(model, kv_cache_dtype=kind.split("-")[1])
     config = dict(hf_cache_config(kind))
     return QuantizedCache(config=model.config, backend=config.pop("backend"), **config)

@@ -14,7 +14,7 @@ from .blocks import BlockAllocator, BlockTables, PartialBlocks, cdiv
 from .compressed import CompressedPools
 from .kernels import kernels_load, kernels_serve
 from .kv_ops import copy_blocks, grown, tokens_major, write_kv
-from .layout import gather_rows
+from .layout import gather_kv_rows, gather_rows
 from .patches.attention_impl import implementation_of, runs_paged_attention
 from .patches.compat import length_after_crop
 from .patches.layer_windows import stock_cache_windows
@@ -62,6 +62,7 @@ class PagedLayer(CacheLayerMixin):
         self.stock_window: int | None = None
         self.stock_window_known = False
         self._pool_blocks = -1  # blocks in this layer's pools; -1 before they exist
+        self.kv: torch.Tensor | None = None  # K and V in one pool, when `keys` and `values` are its halves
         self._views: _RowsViews | None = None
 
     @property
@@ -81,12 +82,18 @@ class PagedLayer(CacheLayerMixin):
         self.use_triton = uses_triton(self.cache.backend, self.device, block_size) and kernels_serve(
             dtype=self.dtype, head_dim=head_dim, value_head_dim=value_states.shape[-1], block_size=block_size)
         self.bytes_per_token = num_kv_heads * (head_dim + value_states.shape[-1]) * key_states.element_size()
-        # Zeros, not empty: see `kv_ops.grown`.
+        # Zeros, not empty: see `kv_ops.grown`. On the PyTorch path K and V of a token lie side by side in one pool, so
+        # a write, a copy and a gather are one indexed operation each (keys and values are its two halves); the
+        # kernels treat K and V in one launch already and keep a pool each.
         capacity = self.cache.allocator.capacity
-        self.keys = torch.zeros((capacity, block_size, num_kv_heads, head_dim), dtype=self.dtype, device=self.device)
-        self.values = torch.zeros((capacity, block_size, num_kv_heads, value_states.shape[-1]), dtype=value_states.dtype,
-                                  device=self.device)
-        self._pool_blocks = capacity
+        if not self.use_triton and value_states.shape[-1] == head_dim and value_states.dtype == self.dtype:
+            self._set_pools(fused=torch.zeros((capacity, block_size, 2, num_kv_heads, head_dim), dtype=self.dtype,
+                                              device=self.device))
+        else:  # keys and values of different widths (no supported family) or dtypes (autocast): a pool each
+            self._set_pools(
+                keys=torch.zeros((capacity, block_size, num_kv_heads, head_dim), dtype=self.dtype, device=self.device),
+                values=torch.zeros((capacity, block_size, num_kv_heads, value_states.shape[-1]),
+                                   dtype=value_states.dtype, device=self.device))
         # Where attention has no paged work, rows are handed to it as views of the pools: not for the Triton kernels
         # (they read the pools themselves), nor where stock's cache would have cut a sliding window that is unknown.
         self._hands_rows_as_views = not self.use_triton and self.stock_window_known
@@ -106,7 +113,8 @@ class PagedLayer(CacheLayerMixin):
             self._provide_pools(key_states, value_states, step.pool_blocks)
         if step.num_copies:
             device_step = step.on(self.device)
-            copy_blocks(self.keys, self.values, device_step.copy_src, device_step.copy_dst, use_triton=self.use_triton)
+            copy_blocks(self.keys, self.values, device_step.copy_src, device_step.copy_dst, use_triton=self.use_triton,
+                        fused=self.kv)
         self.num_written = seq_len = step.seq_len
         past_len = step.past_len
         if step.reads_rows_in_place and self._hands_rows_as_views and (
@@ -119,7 +127,7 @@ class PagedLayer(CacheLayerMixin):
             return keys[:, :, :seq_len], values[:, :, :seq_len]
         device_step = step.on(self.device)
         write_kv(tokens_major(key_states), tokens_major(value_states), self.keys, self.values,
-                 device_step.slot_mapping, use_triton=self.use_triton)
+                 device_step.slot_mapping, use_triton=self.use_triton, fused=self.kv)
         handed_over.set(PagedRead(self, step, device_step))
         return self.keys, self.values
 
@@ -129,6 +137,8 @@ class PagedLayer(CacheLayerMixin):
         seq_len = step.seq_len
         if step.shares_prefix or step.row_layout is None:  # rows sharing a prefix are never laid out regularly
             tables = step.on(self.device).block_tables
+            if self.kv is not None:
+                return gather_kv_rows(self.kv, tables, seq_len)
             return gather_rows(self.keys, tables, seq_len), gather_rows(self.values, tables, seq_len)
         views = self._rows_views(step)
         return views.keys[:, :, :seq_len], views.values[:, :, :seq_len]
@@ -150,9 +160,19 @@ class PagedLayer(CacheLayerMixin):
 
     def _grow_pools(self, capacity: int) -> None:
         """Grow this layer's pools to the allocator's capacity; one layer at a time, so the peak stays low."""
-        self.keys = grown(self.keys, capacity)
-        self.values = grown(self.values, capacity)
-        self._pool_blocks = capacity
+        if self.kv is not None:
+            self._set_pools(fused=grown(self.kv, capacity))
+        else:
+            self._set_pools(keys=grown(self.keys, capacity), values=grown(self.values, capacity))
+
+    def _set_pools(self, *, fused: torch.Tensor | None = None, keys=None, values=None) -> None:
+        """keys / values [num_blocks, block_size, num_kv_heads, head_dim]: the halves of `fused`, or pools of their
+        own; every write, copy and read goes through them."""
+        self.kv = fused
+        if fused is not None:
+            keys, values = fused[:, :, 0], fused[:, :, 1]
+        self.keys, self.values = keys, values
+        self._pool_blocks = keys.shape[0]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.get_seq_length() + query_length, 0
@@ -164,7 +184,7 @@ class PagedLayer(CacheLayerMixin):
         return -1
 
     def release(self) -> None:
-        self.keys = self.values = None
+        self.keys = self.values = self.kv = None
         self._pool_blocks = -1
         self._views = None
         self.is_initialized = False

@@ -148,7 +148,8 @@ def demo(args: argparse.Namespace) -> int:
     # Warm-up (not timed): one short call each way pays the one-time costs of the first generate().
     for paged in (False, True):
         if paged:
-            enable_paged_cache(model, block_size=args.block_size, kv_cache_dtype=args.kv_cache_dtype)
+            enable_paged_cache(model, block_size=args.block_size, kv_cache_dtype=args.kv_cache_dtype,
+                               min_shared_tokens=0)
         inputs = tokenizer(prompts[:1], return_tensors="pt").to(args.device)
         model.generate(**inputs, max_new_tokens=2, num_beams=2, pad_token_id=tokenizer.pad_token_id)
     disable_paged_cache(model)

@@ -50,6 +50,7 @@ def enable_paged_cache(
     max_cache_bytes: int | None = None,
     backend: str = "auto",
     kv_cache_dtype: str = "auto",
+    min_shared_tokens: int | None = None,
 ) -> torch.nn.Module:
     """Make every later `model.generate(...)` keep its KV cache in shared, copy-on-write blocks.
 
@@ -70,6 +71,11 @@ def enable_paged_cache(
     kv_cache_dtype : "auto" (K/V in the model's dtype: token-identical to stock), "int8" or "fp8" (float8 e4m3): full
         blocks stored compressed with a scale per block and KV head, partial blocks in the model's dtype; lossy, see
         the README's compression section.
+    min_shared_tokens : None (default): a call whose rows share too few prompt tokens for paging to pay (greedy or
+        sampling of distinct prompts, beams of a short prompt on a small model; the rule measured in call_rule.py)
+        runs on stock's own cache: the same tokens, stock's time, `cache_stats(model).paged` False. An int: calls
+        sharing at least this many prompt tokens are paged, the others run on stock's cache; 0 pages every call.
+        Calls with a memory cap (`max_blocks`, `max_cache_bytes`) or compressed blocks are always paged.
 
     Returns `model` (the object given), enabled. Enabling an enabled model updates its settings. A cache passed
     explicitly to `generate` is used as is (one an earlier call returned continues a conversation); `use_cache=False`
@@ -82,7 +88,7 @@ def enable_paged_cache(
     >>> cache_stats(model).saving
     0.78
     """
-    _check_settings(block_size, max_blocks, max_cache_bytes)
+    _check_settings(block_size, max_blocks, max_cache_bytes, min_shared_tokens)
     problem = backend_problem(backend, MIN_BLOCK_SIZE if block_size == AUTO else block_size) or \
         kv_cache_dtype_problem(kv_cache_dtype)
     if problem:
@@ -105,6 +111,7 @@ def enable_paged_cache(
         backend=backend,
         kv_cache_dtype=kv_cache_dtype,
         budget=budget,
+        min_shared_tokens=min_shared_tokens,
         attn_implementation=previous.attn_implementation if previous else decoder_implementation(model),
     )
     if previous is None:
@@ -170,12 +177,13 @@ def _stand_in(model, implementation) -> str:
     return paged_name_for(implementation, softcap=softcap)
 
 
-def _check_settings(block_size, max_blocks, max_cache_bytes) -> None:
+def _check_settings(block_size, max_blocks, max_cache_bytes, min_shared_tokens) -> None:
     if block_size == AUTO:
         block_size = None
     elif isinstance(block_size, str):
         raise ValueError(f"enable_paged_cache: block_size={block_size!r}; give an int or 'auto'.")
-    for name, value in (("block_size", block_size), ("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes)):
+    for name, value in (("block_size", block_size), ("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes),
+                        ("min_shared_tokens", min_shared_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"enable_paged_cache: `{name}` must be an int, got {type(value).__name__} ({value!r}).")
     problem = block_size_problem(block_size) if block_size is not None else None
@@ -184,6 +192,9 @@ def _check_settings(block_size, max_blocks, max_cache_bytes) -> None:
     for name, value in (("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes)):
         if value is not None and value <= 0:
             raise ValueError(f"enable_paged_cache: `{name}` must be positive, or None for no cap; got {value}.")
+    if min_shared_tokens is not None and min_shared_tokens < 0:
+        raise ValueError(f"enable_paged_cache: `min_shared_tokens` must be >= 0 (0 pages every call), or None for the "
+                         f"measured rule; got {min_shared_tokens}.")
 
 
 def _check_supported(model, wrapper) -> None:

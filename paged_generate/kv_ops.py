@@ -11,18 +11,29 @@ from . import kernels
 __all__ = ["copy_blocks", "grown", "tokens_major", "write_kv"]
 
 
-def write_kv(key, value, key_cache, value_cache, slot_mapping, *, use_triton: bool = False) -> None:
-    """key, value: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]."""
+def write_kv(key, value, key_cache, value_cache, slot_mapping, *, use_triton: bool = False, fused=None) -> None:
+    """key, value: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim].
+
+    fused: the pool [num_blocks, block_size, 2, num_kv_heads, head_dim] whose halves the caches are, if they are:
+    PyTorch then writes K and V in one indexed copy."""
     if use_triton:
         return kernels.launch_write_kv(key, value, key_cache, value_cache, slot_mapping)
+    if fused is not None:
+        fused.flatten(0, 1).index_copy_(0, slot_mapping, torch.stack((key, value), 1))
+        return
     key_cache.flatten(0, 1).index_copy_(0, slot_mapping, key)  # [num_blocks * block_size, num_kv_heads, head_dim]
     value_cache.flatten(0, 1).index_copy_(0, slot_mapping, value)
 
 
-def copy_blocks(key_cache, value_cache, src: torch.Tensor, dst: torch.Tensor, *, use_triton: bool = False) -> None:
-    """Copy whole blocks src[i] -> dst[i] of both pools (one launch with the kernels, one indexed copy per pool else)."""
+def copy_blocks(key_cache, value_cache, src: torch.Tensor, dst: torch.Tensor, *, use_triton: bool = False,
+                fused=None) -> None:
+    """Copy whole blocks src[i] -> dst[i] of both pools (one launch with the kernels, one indexed copy per pool else,
+    or for the fused pool holding both: see `write_kv`)."""
     if use_triton:
         return kernels.launch_copy_blocks(key_cache, value_cache, src, dst)
+    if fused is not None:
+        fused.index_copy_(0, dst, fused.index_select(0, src))
+        return
     key_cache.index_copy_(0, dst, key_cache.index_select(0, src))
     value_cache.index_copy_(0, dst, value_cache.index_select(0, src))
 

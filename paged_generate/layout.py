@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["gather_rows", "regular_layout", "strided_rows"]
+__all__ = ["gather_kv_rows", "gather_rows", "regular_layout", "strided_rows"]
 
 
 def regular_layout(tables: np.ndarray) -> tuple[int, int] | None:
@@ -28,14 +28,17 @@ def regular_layout(tables: np.ndarray) -> tuple[int, int] | None:
 
 def strided_rows(pool: torch.Tensor, layout: tuple[int, int], num_rows: int, num_blocks: int) -> torch.Tensor:
     """Rows laid out as `layout` (see `regular_layout`), `num_blocks` blocks each, as a view of the pool:
-    [num_rows, num_kv_heads, num_blocks * block_size, head_dim]. No copy."""
+    [num_rows, num_kv_heads, num_blocks * block_size, head_dim]. No copy.
+
+    The pool may be a strided view (the K or V half of a fused pool) whose blocks follow each other:
+    stride(0) == block_size * stride(1)."""
     first, stride = layout
     _, block_size, heads, head_dim = pool.shape
-    per_block = block_size * heads * head_dim
+    block_stride, token_stride, head_stride, _ = pool.stride()
     view = pool.as_strided(
         (num_rows, num_blocks * block_size, heads, head_dim),
-        (stride * per_block, heads * head_dim, head_dim, 1),
-        pool.storage_offset() + first * per_block,
+        (stride * block_stride, token_stride, head_stride, 1),
+        pool.storage_offset() + first * block_stride,
     )
     return view.transpose(1, 2)
 
@@ -48,3 +51,14 @@ def gather_rows(pool: torch.Tensor, block_tables: torch.Tensor, num_tokens: int)
     gathered = pool.index_select(0, block_tables.reshape(-1))  # [num_rows * blocks_per_row, block_size, heads, dim]
     return gathered.as_strided((num_rows, heads, num_tokens, head_dim),
                                (blocks_per_row * block_size * heads * head_dim, head_dim, heads * head_dim, 1))
+
+
+def gather_kv_rows(kv: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gather_rows` of both halves of a fused pool kv [num_blocks, block_size, 2, num_kv_heads, head_dim] at once:
+    K and V [num_rows, num_kv_heads, num_tokens, head_dim], strided views of one copy."""
+    num_rows, blocks_per_row = block_tables.shape
+    _, block_size, _, heads, head_dim = kv.shape
+    gathered = kv.index_select(0, block_tables.reshape(-1))  # [num_rows * blocks_per_row, block_size, 2, heads, dim]
+    shape = (num_rows, heads, num_tokens, head_dim)
+    strides = (blocks_per_row * block_size * 2 * heads * head_dim, head_dim, 2 * heads * head_dim, 1)
+    return gathered.as_strided(shape, strides), gathered.as_strided(shape, strides, heads * head_dim)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["CacheStats"]
+__all__ = ["CacheStats", "stock_cache_stats"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class CacheStats:
     prefill_rows: rows the prompt forward ran on: the distinct prompts, when prefill-once applied (the beams /
         samples of a prompt, and rows repeating a prompt, share its computation), else every row.
     kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8": how full blocks were stored.
+    paged: False where the call ran on stock's own cache, its rows sharing too few prompt tokens for paging to pay
+        (see `enable_paged_cache`'s `min_shared_tokens`): the figures are then stock's cache's, saving 0.
     """
 
     block_size: int
@@ -32,6 +34,7 @@ class CacheStats:
     max_seq_len: int
     prefill_rows: int | None = None
     kv_cache_dtype: str = "auto"
+    paged: bool = True
 
     @property
     def saving(self) -> float:
@@ -39,3 +42,13 @@ class CacheStats:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "saving": self.saving}
+
+
+def stock_cache_stats(cache, block_size: int) -> CacheStats:
+    """The figures of a call that ran on stock's cache (a transformers `Cache`, as the call left it: its peak)."""
+    layers = [layer for layer in getattr(cache, "layers", ()) if getattr(layer, "keys", None) is not None]
+    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
+    rows = layers[0].keys.shape[0] if layers else 0
+    return CacheStats(block_size=block_size, peak_blocks=0, peak_kv_bytes=kv_bytes, pool_bytes=0,
+                      dense_kv_bytes=kv_bytes, rows=rows, max_seq_len=cache.get_seq_length() if layers else 0,
+                      prefill_rows=rows, paged=False)

@@ -361,7 +361,7 @@ def _generate(model, ids, mask, new_tokens, kwargs, *, paged: str | None, seed: 
     from paged_generate import disable_paged_cache, enable_paged_cache
 
     if paged:
-        enable_paged_cache(model, backend=paged)
+        enable_paged_cache(model, backend=paged, min_shared_tokens=0)
     else:
         disable_paged_cache(model)
     try:
@@ -425,7 +425,7 @@ def speed_case(model, device, prompt_len, new_tokens, case, dry_run: bool) -> di
         return original(pool, capacity)
 
     cache_module.grown = grown
-    enable_paged_cache(model, backend=backend)
+    enable_paged_cache(model, backend=backend, min_shared_tokens=0)
     try:
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -456,7 +456,7 @@ def sync_check(model, device, prompt_len, fan_out) -> dict:
     counts = {}
     for label, backend in (("stock", None), ("paged, kernels", "triton"), ("paged, PyTorch path", "torch")):
         if backend:
-            enable_paged_cache(model, backend=backend)
+            enable_paged_cache(model, backend=backend, min_shared_tokens=0)
             cache = PagedCache.from_model(model, backend=backend)
         else:
             disable_paged_cache(model)

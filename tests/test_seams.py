@@ -310,3 +310,33 @@ def test_prompt_forward_tensors_of_a_text_prompt_are_row_inputs():
         assert set(tensors) <= _ROW_INPUTS, _moved(f"{name}'s prompt forward takes {sorted(set(tensors) - _ROW_INPUTS)}")
         assert all(value.shape[_batch_dim(key, value)] == 3 for key, value in tensors.items()), _moved(
             f"{name}'s prompt forward inputs hold rows along another dimension")
+
+
+def test_a_cache_swapped_in_at_the_prompt_forward_serves_the_whole_call():
+    """The call rule hands a call to stock's cache inside `_prefill` by replacing model_kwargs[CACHE_KWARG]: stock's
+    `_prepare_cache_for_generation` must have put its cache there, and the decoding loops must take the cache from
+    the prompt forward's outputs (and the same model_kwargs) from then on."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    original = type(model)._prefill
+    swapped = DynamicCache(config=model.config)
+    seen = {}
+
+    def prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        seen["prepared"] = type(model_kwargs.get(CACHE_KWARG)).__name__
+        model_kwargs[CACHE_KWARG] = swapped
+        return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+    model._prefill = prefill.__get__(model)
+    try:
+        for kwargs in (dict(num_beams=2), dict(do_sample=False)):
+            out = model.generate(torch.tensor([[4, 5, 6]]), max_new_tokens=3, min_new_tokens=3, pad_token_id=0,
+                                 return_dict_in_generate=True, **kwargs)
+            assert seen.pop("prepared") == "DynamicCache", "stock's _prepare_cache_for_generation left no DynamicCache"
+            assert out.past_key_values is swapped, f"the decoding loop ({kwargs}) did not continue the prompt " \
+                                                   "forward's cache"
+            assert swapped.get_seq_length() == 5
+            swapped = DynamicCache(config=model.config)
+    finally:
+        del model._prefill

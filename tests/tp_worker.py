@@ -82,7 +82,7 @@ def run_case(model, case: str) -> dict:
     disable_paged_cache(model)
     with _collective_counter() as stock_counter:
         stock = generate(model, case)
-    enable_paged_cache(model, block_size=BLOCK_SIZE)
+    enable_paged_cache(model, block_size=BLOCK_SIZE, min_shared_tokens=0)  # the paged path, as in conftest.py
     with capture_caches(model, record_steps=True) as captured, _collective_counter() as paged_counter:
         paged = generate(model, case)
     stats = cache_stats(model)

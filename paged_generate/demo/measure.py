@@ -220,7 +220,8 @@ def run_generate(model, tokenizer, inputs: dict, *, paged: bool, seed: int = 0, 
     progress: a tqdm-like object whose `update(1)` is called after every forward, or None.
     """
     if paged:
-        enable_paged_cache(model, block_size=block_size, kv_cache_dtype=kv_cache_dtype)
+        # The demo shows the blocks: every call paged, also those too short for paging to pay in time.
+        enable_paged_cache(model, block_size=block_size, kv_cache_dtype=kv_cache_dtype, min_shared_tokens=0)
     else:
         disable_paged_cache(model)
     device = inputs["input_ids"].device

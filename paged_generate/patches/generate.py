@@ -5,7 +5,8 @@
   its K/V for the next call, as stock's does, until the caller drops it.
 - `_prepare_cache_for_generation`: builds a `PagedCache` where generate() would build its default `DynamicCache`.
 - `_expand_inputs_for_generation`: notes the inputs as they were before generate() repeated them per beam / sample.
-- `_prefill`: runs the prompt forward once per distinct prompt (see prefill_once.py).
+- `_prefill`: runs the prompt forward once per distinct prompt (see prefill_once.py), or hands the call to stock's
+  own cache where paging would not pay (see call_rule.py).
 
 Deleting the instance attributes (`uninstall`) restores the class methods exactly.
 """
@@ -26,8 +27,9 @@ from ..backend import uses_triton
 from ..blocks.sizes import AUTO, auto_block_size
 from ..budget import CacheBudget
 from ..cache import PagedCache, forget_handed_over
+from ..call_rule import REFERENCE_HIDDEN_SIZE, paging_pays
 from ..kernels import MIN_BLOCK_SIZE
-from ..stats import CacheStats
+from ..stats import CacheStats, stock_cache_stats
 from .compat import CACHE_KWARG
 from .prefill_once import PromptInputs, capture_prompt_inputs, prefill_once
 
@@ -57,6 +59,9 @@ class CallRecord:
     paged: bool = True  # False: a call whose decoding loop the plugin does not vouch for (stock cache)
     prompt_inputs: PromptInputs | None = None  # the inputs before generate() repeated them per beam / sample
     weights_token: Any = None  # set while the call asks for attention weights (see attention/stock.py)
+    stock_cache: Any = None  # stock's own cache for this call, built beside the paged one while paging may not pay
+    on_stock_cache: bool = False  # the call handed over to `stock_cache` (see `_stock_cache_unless_paging_pays`)
+    block_size: int = 16  # the call's block size (`block_size="auto"` resolved)
 
 
 @dataclass
@@ -72,7 +77,8 @@ class PluginState:
     attn_implementation: Any
     backend: str = "auto"
     kv_cache_dtype: str = "auto"
-    budget: CacheBudget | None = None  # max_cache_bytes, turned into blocks per call
+    budget: CacheBudget | None = None  # max_cache_bytes, a byte cap on each call's blocks
+    min_shared_tokens: int | None = None  # see call_rule.py; None: the measured rule
     last_stats: CacheStats | None = None
     current_call: ContextVar = field(default_factory=lambda: ContextVar("paged_generate_call", default=None))
     # Lists that every cache this model's calls create is appended to (see capture.py).
@@ -96,6 +102,13 @@ class PluginState:
             watcher.append(cache)
         return cache
 
+    @property
+    def always_paged(self) -> bool:
+        """Whether every call needs the paged cache: what the user asked for (a memory cap, compressed blocks) only it
+        does."""
+        return (self.min_shared_tokens == 0 or self.max_blocks is not None or self.budget is not None
+                or self.kv_cache_dtype != "auto")
+
 
 def install(model, state: PluginState) -> None:
     cls = type(model)
@@ -106,7 +119,10 @@ def install(model, state: PluginState) -> None:
     model._expand_inputs_for_generation = types.MethodType(
         _expand_inputs(_bound_class_method(model, "_expand_inputs_for_generation"), state), model
     )
-    model._prefill = types.MethodType(prefill_once(cls._prefill, lambda: _prompt_inputs_of(state)), model)
+    model._prefill = types.MethodType(
+        prefill_once(cls._prefill, lambda: _prompt_inputs_of(state),
+                     lambda model, shared, new: _stock_cache_unless_paging_pays(state, model, shared, new)),
+        model)
 
 
 def _bound_class_method(model, name: str):
@@ -134,6 +150,8 @@ def _generate(original, state: PluginState):
             if record.weights_token is not None:
                 weights_wanted.reset(record.weights_token)
             returned = _caches_in(result)
+            if record.on_stock_cache:
+                state.last_stats = stock_cache_stats(record.stock_cache, record.block_size)
             for cache in record.caches:
                 state.last_stats = cache.stats() if any(cache is kept for kept in returned) else cache.release()
             for cache in record.given:
@@ -153,6 +171,24 @@ def _caches_in(result) -> list:
 def _prompt_inputs_of(state: PluginState) -> PromptInputs | None:
     record = state.current_call.get()
     return record.prompt_inputs if record is not None and record.paged else None
+
+
+def _stock_cache_unless_paging_pays(state: PluginState, model, shared_tokens: int, new_tokens: int):
+    """Stock's cache for the call in progress if paging it would not pay (call_rule.py), its paged cache then freed
+    unused; else None."""
+    record = state.current_call.get()
+    if record is None or record.stock_cache is None:
+        return None
+    hidden_size = getattr(model.config.get_text_config(decoder=True), "hidden_size", None) or REFERENCE_HIDDEN_SIZE
+    if paging_pays(shared_tokens, new_tokens, hidden_size, state.min_shared_tokens):
+        return None
+    for cache in record.caches:
+        cache.release()
+        for watcher in state.watchers:
+            watcher[:] = [watched for watched in watcher if watched is not cache]
+    record.caches.clear()
+    record.on_stock_cache = True
+    return record.stock_cache
 
 
 def _expand_inputs(original, state: PluginState):
@@ -195,7 +231,12 @@ def _prepare_cache(original, state: PluginState):
         # Tokens per row: prompt + max_new_tokens (the cache holds one fewer; inputs_embeds prompts counted).
         max_length = generation_config.max_length if max_cache_length is None else max_cache_length + 1
         # Rows may share blocks with beams or samples, or when several rows may repeat a prompt (computed once).
-        block_size = state.block_size_for(self.device, max_length, not shares_nothing or (batch_size or 1) > 1)
+        block_size = record.block_size = state.block_size_for(self.device, max_length,
+                                                              not shares_nothing or (batch_size or 1) > 1)
+        if not state.always_paged and not generation_config.is_assistant:
+            # Whether paging pays is known at the prompt forward (`_prefill`), which may hand the call to this cache.
+            original(self, generation_config, model_kwargs, *args, **kwargs)
+            record.stock_cache = model_kwargs.get(CACHE_KWARG)
         cache = state.new_cache(self, block_size)
         if shares_nothing and not uses_triton(state.backend, self.device, block_size):
             # The PyTorch path reads rows in place when each keeps a run of blocks: the cache places the rows

@@ -94,13 +94,21 @@ class PrefillRows:
         return len(self.computed)
 
 
-def prefill_once(original, prompt_inputs_of):
+def prefill_once(original, prompt_inputs_of, stock_cache_unless_paging_pays):
     """`_prefill` computing each distinct prompt once; `prompt_inputs_of()` gives the call's `PromptInputs` (or None,
-    where generate() repeated nothing)."""
+    where generate() repeated nothing). `stock_cache_unless_paging_pays(model, shared_tokens, new_tokens)` gives
+    stock's cache for a call that should run on it (the prompt tokens its rows share pay too little), else None."""
 
     def prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True, *args, **kwargs):
         cache = model_kwargs.get(CACHE_KWARG)
         plan = _plan(self, cache, input_ids, generation_config, model_kwargs, prompt_inputs_of())
+        if isinstance(cache, PagedCache) and cache.get_seq_length() == 0:
+            num_rows, prompt_len = input_ids.shape[0], input_ids.shape[-1]
+            shared_tokens = (num_rows - (plan[0].num_computed if plan else num_rows)) * prompt_len
+            stock_cache = stock_cache_unless_paging_pays(self, shared_tokens, generation_config.max_length - prompt_len)
+            if stock_cache is not None:
+                model_kwargs[CACHE_KWARG] = stock_cache
+                return original(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
         if plan is None:
             if isinstance(cache, PagedCache) and cache.prefill_rows is None:
                 cache.prefill_rows = input_ids.shape[0]
