@@ -13,6 +13,10 @@ A step is what generate() does with the cache per token: one forward, and for be
 (`reorder_cache`, the same random beam indices for both). Beam and sampling cases start from one prompt forked to
 the rows as each side does it: stock repeats the prompt (8 identical rows in the prompt forward), the plugin computes
 it once and forks its blocks.
+
+Wide cases (128 beams, 256 samples at prompt 512) also report the plugin's bookkeeping alone per step: the beam reorder
+of the block tables, the step's planning (blocks, copy-on-write) and its metadata tensors, without the model
+(`bookkeeping_us`): it is vectorised over rows, so it grows with the width far slower than the forward does.
 """
 
 from __future__ import annotations
@@ -38,7 +42,33 @@ CASES = {
     "8 beams, prompt 32, 128 steps": dict(rows=8, prompt_len=32, steps=128, fork=True, reorder=True),
     "8 beams, prompt 128, 128 steps": dict(rows=8, prompt_len=128, steps=128, fork=True, reorder=True),
     "8 samples, prompt 128, 128 steps": dict(rows=8, prompt_len=128, steps=128, fork=True),
+    "128 beams, prompt 512, 64 steps": dict(rows=128, prompt_len=512, steps=64, fork=True, reorder=True, wide=True),
+    "256 samples, prompt 512, 64 steps": dict(rows=256, prompt_len=512, steps=64, fork=True, wide=True),
 }
+
+
+def bookkeeping_us(case: dict, rounds: int, block_size: int = 16) -> dict:
+    """Microseconds per step of the cache's own work for `case`, with no model: reorder (beams), plan, metadata."""
+    generator = torch.Generator().manual_seed(1)
+    rows, per_step = case["rows"], []
+    for _ in range(rounds):
+        cache = PagedCache(num_layers=1, block_size=block_size)
+        layer = cache.layers[0]
+        layer.num_written = 0
+        cache.step_for(layer, 1, case["prompt_len"])  # the prompt once
+        layer.num_written = case["prompt_len"]
+        cache.batch_repeat_interleave(rows)
+        for _ in range(case["steps"]):
+            beam_idx = torch.randint(0, rows, (rows,), generator=generator)
+            start = time.perf_counter()
+            step = cache.step_for(layer, rows, 1)
+            device_step = step.on(torch.device("cpu"))
+            _ = device_step.block_tables, device_step.slot_mapping  # built on first use, as attention reads them
+            if case.get("reorder"):
+                cache.reorder_cache(beam_idx)
+            per_step.append((time.perf_counter() - start) * 1e6)
+            layer.num_written = step.seq_len
+    return {"bookkeeping_us": statistics.median(per_step), "bookkeeping_steps": len(per_step)}
 
 
 def _start(model, cache, prompt: torch.Tensor, case: dict, label: str) -> None:
@@ -102,13 +132,17 @@ def main(argv=None) -> int:
     enable_paged_cache(paged_model, min_shared_tokens=0)  # the paged path's steps, whatever the call rule
     results = {}
     print("| case | steps timed | stock us / step (median) | paged us / step (median) "
-          "| paged - stock, paired (median) |")
-    print("|---|---|---|---|---|")
+          "| paged - stock, paired (median) | bookkeeping us / step |")
+    print("|---|---|---|---|---|---|")
     for name in args.cases.split(";"):
         case = CASES[name]
         result = results[name] = paired_steps(stock_model, paged_model, case, args.rounds)
+        if case.get("wide"):
+            result.update(bookkeeping_us(case, args.rounds))
+        bookkeeping = f"{result['bookkeeping_us']:.0f}" if "bookkeeping_us" in result else "-"
         print(f"| {name} | {result['steps_timed']} | {result['stock_us']:.0f} | {result['paged_us']:.0f} "
-              f"| {result['paired_extra_us']:+.0f} us ({100 * result['paired_extra_fraction']:+.1f}%) |", flush=True)
+              f"| {result['paired_extra_us']:+.0f} us ({100 * result['paired_extra_fraction']:+.1f}%) | {bookkeeping} |",
+              flush=True)
     write_json(out, {**run_info(), "model": args.model, "results": results})
     return 0
 

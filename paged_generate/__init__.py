@@ -25,7 +25,8 @@ Map of the package (each layer imports only from the ones above it):
 - patches/      the only place that touches transformers' (and torch's) private internals, each guarded by
                 tests/test_seams.py; patches/generate.py overrides generate()'s cache creation and prefill.
 - enable.py     the public switch, taking the model or any wrapper of it (PEFT, torch.compile); capture.py watches
-                calls; stats.py, errors.py, backend.py are leaves.
+                calls; budget.py turns max_cache_bytes into each call's byte cap (blocks/allocator.py's ByteCap);
+                stats.py, errors.py, backend.py are leaves.
 """
 
 from .blocks import BlockAllocator, BlockTables

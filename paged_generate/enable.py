@@ -9,7 +9,10 @@ import torch
 from .attention import register_attention
 from .backend import backend_problem
 from .blocks import block_size_problem
+from .blocks.sizes import AUTO, AUTO_LONG_BLOCK_SIZE
+from .budget import CacheBudget
 from .errors import UnsupportedModelError
+from .kernels import MIN_BLOCK_SIZE
 from .patches import generate as generate_patch
 from .patches.attention_impl import (
     ATTENTION_NAME_EAGER,
@@ -24,7 +27,7 @@ from .patches.model_checks import family_eager, keeps_recurrent_state, uses_atte
 from .patches.tensor_parallel import tensor_parallel_of
 from .patches.wrapped_models import peft_adapter_types, transformers_model_of
 from .pool import KVPool, install_forward_gate
-from .quantize import kv_cache_dtype_problem, storage_dtype
+from .quantize import kv_cache_dtype_problem
 from .stats import CacheStats
 
 __all__ = ["cache_stats", "disable_paged_cache", "enable_paged_cache", "is_paged_cache_enabled"]
@@ -45,7 +48,7 @@ SUPPORTED_MODELS_HINT = (
 def enable_paged_cache(
     model: torch.nn.Module,
     *,
-    block_size: int = 16,
+    block_size: int | str = "auto",
     max_blocks: int | None = None,
     max_cache_bytes: int | None = None,
     backend: str = "auto",
@@ -61,17 +64,22 @@ def enable_paged_cache(
     model : a transformers causal LM (decoder-only, attention through the attention registry), or a wrapper of one: a
         PEFT model, a `torch.compile` module, a data-parallel container. The plugin acts on the transformers model
         inside, so every public function agrees whichever of these objects it is given.
-    block_size : tokens per KV block, a power of two in [1, 256].
+    block_size : tokens per KV block, a power of two in [1, 256], or "auto": per call, smaller blocks for calls with
+        beams or samples whose rows are short (they share more), 16 otherwise; see `blocks/sizes.py` and the README's
+        block-size table. Any block size gives the same tokens.
     max_blocks : cap on the blocks one generate() call may hold; exceeding it raises `OutOfBlocksError`.
-    max_cache_bytes : the same cap in bytes of K/V over all layers (converted with the model's dtype).
+    max_cache_bytes : the same cap in bytes of K/V over all layers, as `cache_stats().peak_kv_bytes` counts them: with
+        int8 / fp8 blocks, compressed full blocks with their scales and each row's partial block in the model's dtype.
+        Checked before every allocation of a call, at its block size; with `max_blocks` too, both caps apply.
     backend : "auto" (Triton kernels for CUDA layers, PyTorch elsewhere), "triton" or "torch" to force one. The
         environment variable PAGED_GENERATE_BACKEND overrides "auto".
     kv_cache_dtype : "auto" (K/V in the model's dtype: token-identical to stock), "int8" or "fp8" (float8 e4m3): full
         blocks stored compressed with a scale per block and KV head, partial blocks in the model's dtype; lossy, see
-        the README's compression section. `max_cache_bytes` is still converted with the model's dtype.
+        the README's compression section.
     pool : a `KVPool` whose blocks this model's calls use and keep: one memory budget for every model given the same
         pool, and (with the pool's `prefix_caching`) prompts' full blocks kept for later calls, which then compute only
         the rest of their prompts. The budget is the pool's: `max_blocks` / `max_cache_bytes` are refused with it.
+        Pooled calls keep one block size (16 for "auto"), so that cached blocks line up from call to call.
     prefix_caching : True without a pool gives the model a private `KVPool(max_cache_bytes=...)` with prefix caching
         (`max_cache_bytes` / `max_blocks` becoming its budget); False with a pool shares only its budget. None (the
         default): the pool's setting, or no pool at all.
@@ -93,23 +101,27 @@ def enable_paged_cache(
     0.78
     """
     _check_settings(block_size, max_blocks, max_cache_bytes, min_shared_tokens)
-    problem = backend_problem(backend, block_size) or kv_cache_dtype_problem(kv_cache_dtype)
+    problem = backend_problem(backend, MIN_BLOCK_SIZE if block_size == AUTO else block_size) or \
+        kv_cache_dtype_problem(kv_cache_dtype)
     if problem:
         raise ValueError(f"enable_paged_cache: {problem}.")
     _check_pool(pool, prefix_caching, max_blocks, max_cache_bytes)
     wrapper, model = model, transformers_model_of(model)
     _check_supported(model, wrapper)
+    pool_block_size = AUTO_LONG_BLOCK_SIZE if block_size == AUTO else block_size  # a pool's calls keep one size
     if pool is None and prefix_caching:
         if max_blocks is not None:
-            max_cache_bytes = min(max_cache_bytes or max_blocks * block_size * _bytes_per_token(model),
-                                  max_blocks * block_size * _bytes_per_token(model))
+            blocks_bytes = max_blocks * _pool_block_bytes(model, pool_block_size, "auto")
+            max_cache_bytes = min(max_cache_bytes or blocks_bytes, blocks_bytes)
         pool, max_blocks, max_cache_bytes = KVPool(max_cache_bytes, prefix_caching=True), None, None
+    budget = None
     if max_cache_bytes is not None:
-        per_block = block_size * _bytes_per_token(model)
+        budget = _budget(model, max_cache_bytes, kv_cache_dtype)
+        smallest = 1 if block_size == AUTO else block_size
+        per_block = budget.block_bytes(smallest)[1]
         if max_cache_bytes < per_block:
             raise ValueError(f"enable_paged_cache: max_cache_bytes={max_cache_bytes} is less than one block of this "
-                             f"model ({per_block} bytes for block_size={block_size}); raise it.")
-        max_blocks = min(max_blocks or max_cache_bytes // per_block, max_cache_bytes // per_block)
+                             f"model ({per_block} bytes for block_size={smallest}); raise it.")
     previous = getattr(model, _STATE_ATTR, None)
     register_attention()
     state = generate_patch.PluginState(
@@ -117,11 +129,12 @@ def enable_paged_cache(
         max_blocks=max_blocks,
         backend=backend,
         kv_cache_dtype=kv_cache_dtype,
+        budget=budget,
         min_shared_tokens=min_shared_tokens,
         attn_implementation=previous.attn_implementation if previous else decoder_implementation(model),
         pool=pool,
         prefix_caching=pool is not None and (pool.prefix_caching if prefix_caching is None else prefix_caching),
-        block_bytes=functools.partial(_pool_block_bytes, block_size=block_size, kv_cache_dtype=kv_cache_dtype),
+        block_bytes=functools.partial(_pool_block_bytes, block_size=pool_block_size, kv_cache_dtype=kv_cache_dtype),
     )
     if previous is None:
         _switch_attention(model, _stand_in(model, state.attn_implementation))
@@ -196,11 +209,15 @@ def _stand_in(model, implementation) -> str:
 
 
 def _check_settings(block_size, max_blocks, max_cache_bytes, min_shared_tokens) -> None:
+    if block_size == AUTO:
+        block_size = None
+    elif isinstance(block_size, str):
+        raise ValueError(f"enable_paged_cache: block_size={block_size!r}; give an int or 'auto'.")
     for name, value in (("block_size", block_size), ("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes),
                         ("min_shared_tokens", min_shared_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"enable_paged_cache: `{name}` must be an int, got {type(value).__name__} ({value!r}).")
-    problem = block_size_problem(block_size)
+    problem = block_size_problem(block_size) if block_size is not None else None
     if problem:
         raise ValueError(f"enable_paged_cache: {problem}.")
     for name, value in (("max_blocks", max_blocks), ("max_cache_bytes", max_cache_bytes)):
@@ -228,15 +245,9 @@ def _remove_forward_gate(state) -> None:
 
 
 def _pool_block_bytes(model, block_size: int, kv_cache_dtype: str) -> int:
-    """Bytes of one block over all layers as a pool counts it: K/V in the model's dtype, or compressed with a scale
-    per block and KV head for each of K and V."""
-    if kv_cache_dtype == "auto":
-        return block_size * _bytes_per_token(model)
-    config = model.config.get_text_config(decoder=True)
-    per_token_elements = _bytes_per_token(model) // torch.empty((), dtype=model.dtype).element_size()
-    element_size = torch.empty((), dtype=storage_dtype(kv_cache_dtype)).element_size()
-    scales = 2 * _kv_heads_per_rank(model) * 4 * config.num_hidden_layers
-    return block_size * per_token_elements * element_size + scales
+    """Bytes of one full block over all layers as a pool counts it: K/V in the model's dtype, or compressed with a
+    scale per block and KV head for each of K and V."""
+    return _budget(model, 0, kv_cache_dtype).block_bytes(block_size)[0]  # no cap here: only the block's cost
 
 
 def _check_supported(model, wrapper) -> None:
@@ -319,12 +330,13 @@ def _switch_attention(model, name: str) -> None:
         )
 
 
-def _bytes_per_token(model) -> int:
-    """K/V bytes of one token over all layers in this process: under tensor parallelism, its own heads only."""
+def _budget(model, max_cache_bytes: int, kv_cache_dtype: str) -> CacheBudget:
+    """What K/V costs in this process (under tensor parallelism, its own heads only), for `max_cache_bytes`."""
     config = model.config.get_text_config(decoder=True)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element_size = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * _kv_heads_per_rank(model) * head_dim * element_size * config.num_hidden_layers
+    kv_heads = _kv_heads_per_rank(model) * config.num_hidden_layers
+    return CacheBudget(max_cache_bytes=max_cache_bytes, elements_per_token=2 * kv_heads * head_dim,
+                       element_bytes=model.dtype.itemsize, kv_heads=kv_heads, kv_cache_dtype=kv_cache_dtype)
 
 
 def _num_kv_heads(model) -> int:

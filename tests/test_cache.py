@@ -71,12 +71,13 @@ def test_stats_figures(model):
     _, _, stats = generate_both(model, input_ids=input_ids, max_new_tokens=32, min_new_tokens=32, num_beams=4,
                                 pad_token_id=0)
     per_token = 2 * 2 * 16 * 4 * model.config.num_hidden_layers  # K and V, 2 kv heads, head dim 16, fp32
-    assert stats.block_size == 16 and stats.rows == 4
+    block = stats.block_size
+    assert block == 4 and stats.rows == 4  # block_size="auto": beams whose rows hold at most 256 tokens
     assert stats.dense_kv_bytes == 4 * stats.max_seq_len * per_token
-    assert stats.peak_kv_bytes == stats.peak_blocks * 16 * per_token
+    assert stats.peak_kv_bytes == stats.peak_blocks * block * per_token
     assert stats.pool_bytes >= stats.peak_kv_bytes
-    # 4 prompt blocks shared by all beams + at most 3 own blocks per beam (+ copies in flight).
-    assert stats.peak_blocks <= 4 + 4 * 3 + 4
+    # The prompt's 16 blocks shared by all beams + at most 8 own blocks per beam (+ copies in flight).
+    assert stats.peak_blocks <= 16 + 4 * 8 + 4
     assert stats.saving == pytest.approx(1 - stats.peak_kv_bytes / stats.dense_kv_bytes)
     assert stats.saving > 0.4
 
@@ -174,11 +175,11 @@ def test_bad_settings_are_refused(model, kwargs, error):
 
 def test_max_cache_bytes_becomes_a_block_cap(model):
     per_block = 16 * 2 * 2 * 16 * 4 * model.config.num_hidden_layers
-    enable_paged_cache(model, max_cache_bytes=10 * per_block + 1)
+    enable_paged_cache(model, block_size=16, max_cache_bytes=10 * per_block + 1)
     try:
-        with pytest.raises(OutOfBlocksError, match="max_blocks=10") as error:
+        with pytest.raises(OutOfBlocksError, match=f"max_cache_bytes={10 * per_block + 1}") as error:
             model.generate(torch.randint(3, 90, (1, 100)), max_new_tokens=80, num_beams=4, pad_token_id=0)
-        assert error.value.max_blocks == 10
+        assert error.value.max_blocks == 10 and error.value.needed_bytes > 10 * per_block + 1
     finally:
         disable_paged_cache(model)
 

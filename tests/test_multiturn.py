@@ -81,7 +81,7 @@ def test_three_turns_compute_only_the_new_tokens_and_match_stock(model):
     for turn_figures, out in zip(figures, paged[1:], strict=True):
         assert turn_figures.rows == 1 and turn_figures.prefill_rows == 1
         assert turn_figures.max_seq_len == out.sequences.shape[1] - 1
-        assert turn_figures.peak_blocks == -(-turn_figures.max_seq_len // 16)
+        assert turn_figures.peak_blocks == -(-turn_figures.max_seq_len // turn_figures.block_size)
 
 
 def test_returned_beam_cache_holds_what_stocks_holds(model):

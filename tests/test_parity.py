@@ -112,13 +112,14 @@ def test_shared_prefix_path_runs_and_groups_match_tables(model, monkeypatch):
     for kwargs in (dict(num_beams=4), dict(do_sample=True, num_return_sequences=3)):
         stock, paged, _ = generate_both(model, **_inputs(), max_new_tokens=10, **kwargs)
         assert torch.equal(stock, paged)
-    assert (4, 2) in seen and (3, 2) in seen  # 37-token prompts: two full blocks shared per group
+    # 37-token prompts in blocks of 4 (block_size="auto" for these short calls): 9 full blocks shared per group.
+    assert (4, 37 // 4) in seen and (3, 37 // 4) in seen
 
 
 @pytest.mark.parametrize("prompt_len, splits", [(37, False), (101, True)])
 def test_split_rule_sides_are_both_token_identical(model, monkeypatch, prompt_len, splits):
-    # 4 beams of one prompt: 3 redundant rows x 32 (37 tokens) or 96 (101 tokens) shared tokens; a threshold between
-    # the two sends one case each way.
+    # 4 beams of one prompt: 3 redundant rows x 36 (37 tokens) or 100 (101 tokens) shared tokens in blocks of 4; a
+    # threshold between the two sends one case each way.
     from paged_generate.attention import split_rule
 
     monkeypatch.setitem(split_rule.SPLIT_MIN_REDUNDANT_TOKENS, "torch", 3 * 64)

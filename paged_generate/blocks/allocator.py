@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import OutOfBlocksError
 
-__all__ = ["BlockAllocator"]
+__all__ = ["BlockAllocator", "ByteCap"]
 
 _NO_LIMIT = 2**31 - 1  # block ids are int32 in the device-side tables
+
+
+@dataclass(frozen=True)
+class ByteCap:
+    """A cap on the bytes the blocks in use hold (`enable_paged_cache(max_cache_bytes=...)`), summed over layers.
+
+    A block costs `full_bytes` once full and `partial_bytes` while partially filled: the same in the model's dtype;
+    with full blocks stored compressed, their compressed K/V and scales, and a partial block its K/V in the model's dtype.
+    """
+
+    max_bytes: int
+    full_bytes: int
+    partial_bytes: int
+
+    def held(self, num_blocks: int, num_partial: int) -> int:
+        """Bytes of `num_blocks` blocks in use, `num_partial` of them partial."""
+        return (num_blocks - num_partial) * self.full_bytes + num_partial * self.partial_bytes
+
+    @property
+    def max_blocks(self) -> int:
+        """The most blocks that can be in use under the cap (all of them full)."""
+        return self.max_bytes // self.full_bytes
 
 
 class BlockAllocator:
@@ -28,9 +52,11 @@ class BlockAllocator:
     1
     """
 
-    def __init__(self, *, block_size: int, capacity: int = 0, max_blocks: int | None = None):
+    def __init__(self, *, block_size: int, capacity: int = 0, max_blocks: int | None = None,
+                 byte_cap: ByteCap | None = None):
         self.block_size = block_size
         self.max_blocks = max_blocks
+        self.byte_cap = byte_cap
         self.ref_counts = np.zeros(0, dtype=np.int64)
         self._free_stack = np.zeros(0, dtype=np.int64)  # free ids; the top of the stack is at num_free - 1
         self.num_free = 0
@@ -45,13 +71,22 @@ class BlockAllocator:
     def num_used(self) -> int:
         return self.capacity - self.num_free
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return self.num_used + num_blocks <= self._limit()
+    def can_allocate(self, num_blocks: int, num_partial: int = 0) -> bool:
+        """Whether `num_blocks` more blocks fit under the caps, `num_partial` of the blocks then in use being partial
+        (they may cost more bytes than full ones: see `ByteCap`)."""
+        if self.num_used + num_blocks > self._limit():
+            return False
+        cap = self.byte_cap
+        return cap is None or cap.held(self.num_used + num_blocks, num_partial) <= cap.max_bytes
 
-    def shortage(self, num_blocks: int) -> OutOfBlocksError:
-        """The error saying that `num_blocks` more blocks do not fit under the cap."""
-        return OutOfBlocksError(needed=num_blocks, in_use=self.num_used, max_blocks=self._limit(),
-                                block_size=self.block_size)
+    def shortage(self, num_blocks: int, num_partial: int = 0) -> OutOfBlocksError:
+        """The error saying that `num_blocks` more blocks (`num_partial` of those then in use partial) do not fit."""
+        cap = self.byte_cap
+        over_bytes = cap is not None and cap.held(self.num_used + num_blocks, num_partial) > cap.max_bytes
+        return OutOfBlocksError(
+            needed=num_blocks, in_use=self.num_used, max_blocks=self._limit(), block_size=self.block_size,
+            max_cache_bytes=cap.max_bytes if over_bytes else None,
+            needed_bytes=cap.held(self.num_used + num_blocks, num_partial) if over_bytes else None)
 
     def grow(self, new_capacity: int) -> None:
         """Extend the pool to `new_capacity` ids (never shrinks). New ids are handed out lowest first."""
@@ -145,4 +180,5 @@ class BlockAllocator:
         self.num_free += n
 
     def _limit(self) -> int:
-        return self.max_blocks if self.max_blocks is not None else _NO_LIMIT
+        limit = self.max_blocks if self.max_blocks is not None else _NO_LIMIT
+        return limit if self.byte_cap is None else min(limit, self.byte_cap.max_blocks)

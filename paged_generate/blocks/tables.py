@@ -79,8 +79,10 @@ class BlockTables:
             return NO_COPIES
         rows_to_copy = self._rows_to_copy()
         needed = len(rows_to_copy) + self.num_rows * self._num_new_columns(num_tokens)
-        if not self.allocator.can_allocate(needed):
-            raise self.allocator.shortage(needed)  # before any state changes
+        # After the append every row's partial last block is its own (fresh, or copied on write).
+        num_partial = self.num_rows if self.partial is not None and (self.seq_len + num_tokens) % self.block_size else 0
+        if not self.allocator.can_allocate(needed, num_partial):
+            raise self.allocator.shortage(needed, num_partial)  # before any state changes
         copies = self._copy_tails(rows_to_copy)
         num_new = self._num_new_columns(num_tokens)
         if num_new:

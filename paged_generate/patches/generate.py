@@ -24,8 +24,11 @@ from transformers.utils import ModelOutput
 
 from ..attention.stock import weights_wanted
 from ..backend import uses_triton
+from ..blocks.sizes import AUTO, AUTO_LONG_BLOCK_SIZE, auto_block_size
+from ..budget import CacheBudget
 from ..cache import PagedCache, forget_handed_over
 from ..call_rule import REFERENCE_HIDDEN_SIZE, paging_pays
+from ..kernels import MIN_BLOCK_SIZE
 from ..stats import CacheStats, stock_cache_stats
 from .compat import CACHE_KWARG
 from .prefill_once import PromptInputs, capture_prompt_inputs, prefill_once
@@ -62,6 +65,7 @@ class CallRecord:
     weights_token: Any = None  # set while the call asks for attention weights (see attention/stock.py)
     stock_cache: Any = None  # stock's own cache for this call, built beside the paged one while paging may not pay
     on_stock_cache: bool = False  # the call handed over to `stock_cache` (see `_stock_cache_unless_paging_pays`)
+    block_size: int = 16  # the call's block size (`block_size="auto"` resolved)
 
 
 @dataclass
@@ -72,11 +76,12 @@ class PluginState:
     which `disable_paged_cache` restores; the model runs its paged stand-in while enabled.
     """
 
-    block_size: int
+    block_size: int | str  # or "auto": resolved per call (`block_size_for`)
     max_blocks: int | None
     attn_implementation: Any
     backend: str = "auto"
     kv_cache_dtype: str = "auto"
+    budget: CacheBudget | None = None  # max_cache_bytes, a byte cap on each call's blocks
     min_shared_tokens: int | None = None  # see call_rule.py; None: the measured rule
     # A KVPool the model's calls take their blocks from (None: each call sizes and frees its own), whether they keep
     # and reuse prompts' blocks in it, and `block_bytes(model)`, the bytes of one block as the pool counts them.
@@ -89,14 +94,29 @@ class PluginState:
     # Lists that every cache this model's calls create is appended to (see capture.py).
     watchers: list = field(default_factory=list)
 
-    def new_cache(self, model, prefix_caching: bool = True) -> PagedCache:
+    def block_size_for(self, device, max_length: int, shares_rows: bool) -> int:
+        """The block size of a call on `device` whose rows hold at most `max_length` tokens and share blocks (beams or
+        samples) or not: the one given to `enable_paged_cache`, or what "auto" picks (`blocks/sizes.py`). A pool's
+        calls keep one size, so that one call's cached prompt blocks line up with the next call's."""
+        if self.block_size != AUTO:
+            return self.block_size
         if self.pool is not None:
-            cache = self.pool.new_cache(model, block_size=self.block_size, kv_cache_dtype=self.kv_cache_dtype,
+            return AUTO_LONG_BLOCK_SIZE
+        kernels = uses_triton(self.backend, device, MIN_BLOCK_SIZE)
+        return auto_block_size(max_length, shares_rows=shares_rows, min_block_size=MIN_BLOCK_SIZE if kernels else 1)
+
+    def new_cache(self, model, block_size: int, prefix_caching: bool = True) -> PagedCache:
+        """A cache for a call in blocks of `block_size` tokens: from the pool if the model has one, else its own,
+        capped at `max_cache_bytes` if given."""
+        if self.pool is not None:
+            cache = self.pool.new_cache(model, block_size=block_size, kv_cache_dtype=self.kv_cache_dtype,
                                         backend=self.backend, block_bytes=self.block_bytes,
                                         prefix_caching=self.prefix_caching and prefix_caching)
         else:
-            cache = PagedCache.from_model(model, block_size=self.block_size, max_blocks=self.max_blocks,
+            cache = PagedCache.from_model(model, block_size=block_size, max_blocks=self.max_blocks,
                                           backend=self.backend, kv_cache_dtype=self.kv_cache_dtype)
+            if self.budget is not None:
+                cache.allocator.byte_cap = self.budget.cap(block_size)
         for watcher in self.watchers:
             watcher.append(cache)
         return cache
@@ -105,8 +125,8 @@ class PluginState:
     def always_paged(self) -> bool:
         """Whether every call needs the paged cache: what the user asked for (a memory cap, compressed blocks, a pool
         keeping blocks across calls) only it does."""
-        return (self.min_shared_tokens == 0 or self.max_blocks is not None or self.kv_cache_dtype != "auto"
-                or self.pool is not None)
+        return (self.min_shared_tokens == 0 or self.max_blocks is not None or self.budget is not None
+                or self.kv_cache_dtype != "auto" or self.pool is not None)
 
 
 def install(model, state: PluginState) -> None:
@@ -150,7 +170,7 @@ def _generate(original, state: PluginState):
                 weights_wanted.reset(record.weights_token)
             returned = _caches_in(result)
             if record.on_stock_cache:
-                state.last_stats = stock_cache_stats(record.stock_cache, state.block_size)
+                state.last_stats = stock_cache_stats(record.stock_cache, record.block_size)
             for cache in record.caches:
                 state.last_stats = cache.stats() if any(cache is kept for kept in returned) else cache.release()
             for cache in record.given:
@@ -224,13 +244,20 @@ def _prepare_cache(original, state: PluginState):
         )
         if not wants_default_cache:
             return original(self, generation_config, model_kwargs, *args, **kwargs)
+        expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        shares_nothing = expand == 1
+        batch_size, max_cache_length = _call_sizes(args, kwargs)
+        # Tokens per row: prompt + max_new_tokens (the cache holds one fewer; inputs_embeds prompts counted).
+        max_length = generation_config.max_length if max_cache_length is None else max_cache_length + 1
+        # Rows may share blocks with beams or samples, or when several rows may repeat a prompt (computed once).
+        block_size = record.block_size = state.block_size_for(self.device, max_length,
+                                                              not shares_nothing or (batch_size or 1) > 1)
         if not state.always_paged and not generation_config.is_assistant:
             # Whether paging pays is known at the prompt forward (`_prefill`), which may hand the call to this cache.
             original(self, generation_config, model_kwargs, *args, **kwargs)
             record.stock_cache = model_kwargs.get(CACHE_KWARG)
-        cache = state.new_cache(self, prefix_caching=generation_mode in PREFIX_CACHING_MODES)
-        shares_nothing = (generation_config.num_beams or 1) == 1 and (generation_config.num_return_sequences or 1) == 1
-        if shares_nothing and state.pool is None and not uses_triton(state.backend, self.device, state.block_size):
+        cache = state.new_cache(self, block_size, prefix_caching=generation_mode in PREFIX_CACHING_MODES)
+        if shares_nothing and state.pool is None and not uses_triton(state.backend, self.device, block_size):
             # The PyTorch path reads rows in place when each keeps a run of blocks: the cache places the rows
             # max_length apart (the kernels read through the tables, so GPU memory is not set aside for that; nor
             # does a pool's storage, which the calls of its models share).
@@ -245,3 +272,11 @@ def _prepare_cache(original, state: PluginState):
             cache.activate_past_recording()
 
     return prepare_cache_for_generation
+
+
+def _call_sizes(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
+    """(batch_size, max_cache_length) of `_prepare_cache_for_generation(generation_config, model_kwargs,
+    generation_mode, batch_size, max_cache_length)`, given after its first two arguments; None where not given."""
+    named = ("generation_mode", "batch_size", "max_cache_length")
+    values = dict(zip(named, args), **{key: kwargs[key] for key in named if key in kwargs})
+    return values.get("batch_size"), values.get("max_cache_length")
