@@ -32,6 +32,7 @@ from bench_utils import RESULTS_DIR, build_model, run_info, write_json
 from transformers import DynamicCache
 
 from paged_generate import PagedCache, enable_paged_cache
+from paged_generate.blocks.sizes import auto_block_size
 from paged_generate.patches.compat import CACHE_KWARG
 
 CASES = {
@@ -47,8 +48,14 @@ CASES = {
 }
 
 
-def bookkeeping_us(case: dict, rounds: int, block_size: int = 16) -> dict:
+def call_block_size(case: dict) -> int:
+    """The block size generate() gives this case's call under `block_size="auto"` (the default)."""
+    return auto_block_size(case["prompt_len"] + case["steps"], shares_rows=case["rows"] > 1)
+
+
+def bookkeeping_us(case: dict, rounds: int) -> dict:
     """Microseconds per step of the cache's own work for `case`, with no model: reorder (beams), plan, metadata."""
+    block_size = call_block_size(case)
     generator = torch.Generator().manual_seed(1)
     rows, per_step = case["rows"], []
     for _ in range(rounds):
@@ -92,7 +99,8 @@ def paired_steps(stock_model, paged_model, case: dict, rounds: int) -> dict:
     differences = []
     with torch.no_grad():
         for _ in range(rounds):
-            caches = {"stock": DynamicCache(config=stock_model.config), "paged": PagedCache.from_model(paged_model)}
+            caches = {"stock": DynamicCache(config=stock_model.config),
+                      "paged": PagedCache.from_model(paged_model, block_size=call_block_size(case))}
             if not case.get("fork"):
                 # What generate() tells the cache of a call whose rows share nothing: how long the rows will grow.
                 caches["paged"].expected_seq_len = case["prompt_len"] + case["steps"]
@@ -141,8 +149,8 @@ def main(argv=None) -> int:
             result.update(bookkeeping_us(case, args.rounds))
         bookkeeping = f"{result['bookkeeping_us']:.0f}" if "bookkeeping_us" in result else "-"
         print(f"| {name} | {result['steps_timed']} | {result['stock_us']:.0f} | {result['paged_us']:.0f} "
-              f"| {result['paired_extra_us']:+.0f} us ({100 * result['paired_extra_fraction']:+.1f}%) | {bookkeeping} |",
-              flush=True)
+              f"| {result['paired_extra_us']:+.0f} us ({100 * result['paired_extra_fraction']:+.1f}%) "
+              f"| {bookkeeping} |", flush=True)
     write_json(out, {**run_info(), "model": args.model, "results": results})
     return 0
 

@@ -29,8 +29,8 @@ class PooledAllocator(BlockAllocator):
         self._sorted = True
         super().__init__(block_size=block_size)
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= self.num_free
+    def can_allocate(self, num_blocks: int, num_partial: int = 0) -> bool:
+        return num_blocks <= self.num_free  # the pool's budget was applied when it made room
 
     def allocate(self, num_blocks: int) -> np.ndarray:
         if num_blocks > self.num_free:
