@@ -17,7 +17,7 @@ import sys
 import textwrap
 import time
 
-from .blocks.sizes import block_size_problem
+from .blocks.sizes import AUTO, block_size_problem
 from .quantize import KV_CACHE_DTYPES
 
 __all__ = ["main"]
@@ -39,7 +39,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _block_size(text: str) -> int:
+def _block_size(text: str) -> int | str:
+    if text == AUTO:
+        return text
     value = _positive_int(text)
     problem = block_size_problem(value)
     if problem:
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"how many of the built-in Python prompts to batch (default {DEFAULTS['prompts']})")
     demo.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt of your own (repeatable)")
     demo.add_argument("--modes", type=_modes, default=["beam", "sample"], help="beam,sample (default: both)")
-    demo.add_argument("--block-size", type=_block_size, default=16, help="tokens per KV block (default 16)")
+    demo.add_argument("--block-size", type=_block_size, default=AUTO,
+                      help="tokens per KV block, or auto (the default: chosen per call from its lengths)")
     demo.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                       help="how full KV blocks are stored: auto (the model's dtype, the default; token-identical), "
                            "int8 or fp8 (compressed, lossy)")
@@ -222,7 +225,8 @@ def format_report(info: dict, comparisons: list[dict], seconds: float, plot: str
     lines = [
         f"paged-generate demo - {_short_name(info)} ({info['parameters'] / 1e6:.1f}M parameters, {info['dtype']}, "
         f"{info['device']}, {info['threads']} thread(s)): {len(info['prompts'])} Python prompts, "
-        f"{info['new_tokens']} new tokens, KV blocks of {info['block_size']} tokens"
+        f"{info['new_tokens']} new tokens, "
+        + (f"KV blocks of {info['block_size']} tokens" if info["block_size"] != AUTO else "KV block size per call")
         + (f" stored as {info['kv_cache_dtype']}" if info.get("kv_cache_dtype", "auto") != "auto" else ""),
         "",
         f"{'':<{w}} | {'time, s':^15} | {'KV cache at peak, MiB':^24} | {memory_header:^29} | {'same':^6}",

@@ -212,7 +212,7 @@ class GenerateRun:
         return result
 
 
-def run_generate(model, tokenizer, inputs: dict, *, paged: bool, seed: int = 0, block_size: int = 16,
+def run_generate(model, tokenizer, inputs: dict, *, paged: bool, seed: int = 0, block_size: int | str = "auto",
                  progress=None, kv_cache_dtype: str = "auto", **kwargs) -> GenerateRun:
     """One `model.generate(**inputs, **kwargs)`, stock or paged (blocks stored as `kv_cache_dtype`), measured; leaves
     the model stock.
@@ -247,7 +247,7 @@ def run_generate(model, tokenizer, inputs: dict, *, paged: bool, seed: int = 0, 
 
 
 def compare(model, tokenizer, prompts, *, mode: str, width: int, new_tokens: int, seed: int = 0,
-            block_size: int = 16, progress: bool | None = False, kv_cache_dtype: str = "auto") -> dict:
+            block_size: int | str = "auto", progress: bool | None = False, kv_cache_dtype: str = "auto") -> dict:
     """The same generate() call stock, then paged; both measured. Returns a dict (see `paged-generate demo --json`).
 
     progress: show a tqdm bar per run (None: only on a terminal, tqdm's rule). kv_cache_dtype: how the paged run
