@@ -12,7 +12,9 @@ and writes JSON.
 A step is what generate() does with the cache per token: one forward, and for beam search the reorder of the cache
 (`reorder_cache`, the same random beam indices for both). Beam and sampling cases start from one prompt forked to
 the rows as each side does it: stock repeats the prompt (8 identical rows in the prompt forward), the plugin computes
-it once and forks its blocks.
+it once and forks its blocks. The enabled copy pages every case (`min_shared_tokens=0`), except the one marked "call
+rule (stock cache)": what generate() gives a greedy batch-1 call by default, stock's cache under the plugin's
+attention entry.
 
 Wide cases (128 beams, 256 samples at prompt 512) also report the plugin's bookkeeping alone per step: the beam reorder
 of the block tables, the step's planning (blocks, copy-on-write) and its metadata tensors, without the model
@@ -36,6 +38,10 @@ from paged_generate.blocks.sizes import auto_block_size
 from paged_generate.patches.compat import CACHE_KWARG
 
 CASES = {
+    # What generate() does by default for this call: the call rule runs it on stock's cache, under the plugin's
+    # attention entry (the enabled model, a DynamicCache).
+    "greedy, batch 1, prompt 128, 128 steps, call rule (stock cache)": dict(rows=1, prompt_len=128, steps=128,
+                                                                          stock_cache=True),
     "greedy, batch 1, prompt 128, 128 steps": dict(rows=1, prompt_len=128, steps=128),
     "greedy, batch 4, prompt 128, 128 steps": dict(rows=4, prompt_len=128, steps=128),
     "4 beams, prompt 32, 128 steps": dict(rows=4, prompt_len=32, steps=128, fork=True, reorder=True),
@@ -100,8 +106,9 @@ def paired_steps(stock_model, paged_model, case: dict, rounds: int) -> dict:
     with torch.no_grad():
         for _ in range(rounds):
             caches = {"stock": DynamicCache(config=stock_model.config),
-                      "paged": PagedCache.from_model(paged_model, block_size=call_block_size(case))}
-            if not case.get("fork"):
+                      "paged": (DynamicCache(config=paged_model.config) if case.get("stock_cache")
+                                else PagedCache.from_model(paged_model, block_size=call_block_size(case)))}
+            if not case.get("fork") and not case.get("stock_cache"):
                 # What generate() tells the cache of a call whose rows share nothing: how long the rows will grow.
                 caches["paged"].expected_seq_len = case["prompt_len"] + case["steps"]
             for label in models:

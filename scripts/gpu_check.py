@@ -14,8 +14,10 @@ progress lines carry the elapsed time. Parts:
    below which shared-prefix attention stops paying).
 3. model: a ~1.1B-parameter Llama-shaped model (TinyLlama's shape) with random weights in bf16: generate() against
    stock for greedy batch 1 and 16, beams 8 and samples 8 on 2k-token prompts (token agreement); end-to-end time and
-   peak GPU memory against stock, with what the pools' growth (reallocate and copy) costs; and the host syncs of one
-   decode forward under `torch.cuda.set_sync_debug_mode("warn")`, paged (both backends) against stock.
+   peak GPU memory against stock, with what the pools' growth (reallocate and copy) costs; 8 beams of 16-512-token
+   prompts stock against every call paged, where the call rule's threshold (paged_generate/call_rule.py, measured on
+   CPU) sits on this device; and the host syncs of one decode forward under `torch.cuda.set_sync_debug_mode("warn")`,
+   paged (both backends) against stock.
 
 Writes results.json and results.md into --out (and each part's JSON and log beside them).
 """
@@ -320,6 +322,9 @@ def model_part(part: Part, device, dry_run: bool) -> None:
                 speed[name] = speed_case(model, device, prompt_len, new_tokens * (1 if dry_run else 2), cases[name],
                                          dry_run)  # fmt: skip
                 part.record("speed_and_memory", speed)
+    with part.step("call rule: short prompts", needs_s=30) as ok:
+        if ok:
+            part.record("call_rule", call_rule_check(model, device, fan_out, dry_run))
     with part.step("host syncs of a decode forward", needs_s=10) as ok:
         if ok:
             syncs = sync_check(model, device, prompt_len, fan_out)
@@ -442,6 +447,44 @@ def speed_case(model, device, prompt_len, new_tokens, case, dry_run: bool) -> di
     return result
 
 
+def call_rule_check(model, device, fan_out: int, dry_run: bool) -> dict:
+    """Beams of short prompts, stock against every call paged: where paging starts to pay on this device, in the
+    call rule's measure (paged_generate/call_rule.py: shared prompt tokens per new token, scaled to hidden size 256),
+    and what the rule, measured on CPU, chooses for each."""
+    from paged_generate.call_rule import REFERENCE_HIDDEN_SIZE, paging_pays
+
+    new_tokens = 3 if dry_run else 64
+    hidden = model.config.hidden_size
+    cases = {}
+    for prompt_len in (4, 8) if dry_run else (16, 64, 128, 512):
+        ids, mask = _prompts(1, prompt_len, model.config.vocab_size, device)
+        kwargs = dict(num_beams=fan_out, do_sample=False)
+        seconds = {}
+        for label, paged in (("stock", None), ("paged", "auto")):
+            times = []
+            for run in range(2 if dry_run else 3):  # the first warms up
+                _synchronize(device)
+                start = time.perf_counter()
+                _generate(model, ids, mask, new_tokens, kwargs, paged=paged)
+                _synchronize(device)
+                if run:
+                    times.append(time.perf_counter() - start)
+            seconds[label] = statistics.median(times)
+        shared = (fan_out - 1) * prompt_len
+        cases[f"prompt {prompt_len}, {fan_out} beams, {new_tokens} new"] = dict(
+            stock_s=seconds["stock"], paged_s=seconds["paged"], speedup=seconds["stock"] / seconds["paged"],
+            shared_per_new_token_at_256=shared / new_tokens * (hidden / REFERENCE_HIDDEN_SIZE) ** 2,
+            rule_pages=paging_pays(shared, new_tokens, hidden))  # fmt: skip
+    return cases
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def sync_check(model, device, prompt_len, fan_out) -> dict:
     """Host syncs of one decode forward of rows sharing a prompt (the beams' shape): stock, paged on the kernels,
     paged on the PyTorch path. On CUDA counted by `set_sync_debug_mode("warn")`; on CPU (dry run), host reads of
@@ -543,6 +586,15 @@ def markdown(results: dict) -> str:
             lines.append(f"| {case} | {stock['seconds']:.2f} | {paged['seconds']:.2f} | {r['speedup']:.2f}x | "
                          f"{mib(stock['peak_bytes_over_weights'])} | {mib(paged['peak_bytes_over_weights'])} | "
                          f"{f'{ratio:.2f}' if ratio else 'n/a'} | {r['growths']} |")
+    if model.get("call_rule"):
+        lines += ["", "## Call rule: beams of short prompts, every call paged", "",
+                  "| case | stock s | paged s | stock / paged | shared tokens per new token (at hidden 256) | "
+                  "the rule pages it |", "|---|---:|---:|---:|---:|---|"]
+        for case, r in model["call_rule"].items():
+            lines.append(f"| {case} | {r['stock_s']:.3f} | {r['paged_s']:.3f} | {r['speedup']:.2f}x | "
+                         f"{r['shared_per_new_token_at_256']:.1f} | {'yes' if r['rule_pages'] else 'no'} |")
+        lines += ["", "Paging pays from the first ratio >= 1.00x: set `SHARED_TOKENS_PER_NEW_TOKEN` in "
+                  "paged_generate/call_rule.py for CUDA from it."]
     if model.get("host_syncs"):
         lines += ["", f"Host syncs of one decode forward: {model['host_syncs']['syncs']}"]
     kernel_part = parts.get("kernels", {})

@@ -29,5 +29,6 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
     assert all(r[b]["tokens_equal"] for r in model["parity"].values() for b in ("triton", "torch")), model["parity"]
     assert len(model["parity"]) == 4 and model["speed_and_memory"]
     assert model["host_syncs"]["no_extra_sync"], model["host_syncs"]
+    assert len(model["call_rule"]) == 2 and all(r["speedup"] > 0 for r in model["call_rule"].values())
     report = (tmp_path / "results.md").read_text()
-    assert "generate() against stock" in report and "Host syncs" in report
+    assert "generate() against stock" in report and "Host syncs" in report and "Call rule" in report
