@@ -39,6 +39,7 @@ from paged_generate import OutOfBlocksError, cache_stats, disable_paged_cache, e
 from paged_generate.blocks import BlockAllocator, BlockTables, PartialBlocks
 from paged_generate.blocks.sizes import auto_block_size
 from paged_generate.budget import CacheBudget
+from paged_generate.stats import stock_cache_stats
 
 MIB = 2**20
 SHAPE_NAMES = {"1024/128": "", "19/58": "Alpaca", "161/338": "ShareGPT"}
@@ -131,7 +132,7 @@ def verify(model, layers_scale: float, row: dict) -> dict:
         disable_paged_cache(model)
         out = run(model, prompt_len, mode, width, new_tokens)
         cache = out.get("cache") or out.get("past_key_values")
-        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        held = stock_cache_stats(cache, block_size=0).peak_kv_bytes
         return dict(completed=True, measured_kv_bytes=held, within=held <= budget, seconds=time.perf_counter() - start)
     enable_paged_cache(model, max_cache_bytes=budget, kv_cache_dtype=kv_dtype_of(config))
     try:

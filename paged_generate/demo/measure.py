@@ -20,7 +20,7 @@ import torch
 from ..cache import PagedCache
 from ..enable import cache_stats, disable_paged_cache, enable_paged_cache
 from ..patches.compat import CACHE_KWARG
-from ..stats import CacheStats
+from ..stats import CacheStats, stock_cache_stats
 
 __all__ = [
     "GenerateRun",
@@ -63,14 +63,11 @@ def kv_snapshot(cache) -> dict | None:
             kv_bytes=cache.kv_bytes(), pool_bytes=cache.stats().pool_bytes,
             dense_bytes=rows * seq_len * bytes_per_token, kv_cache_dtype=cache.kv_cache_dtype,
         )
-    layers = getattr(cache, "layers", None) or []
-    tensors = [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-               if isinstance(t, torch.Tensor)]
-    if not tensors:
+    stats = stock_cache_stats(cache, block_size=0)
+    if not stats.rows:
         return None
-    kv_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    return dict(kind="stock", rows=int(tensors[0].shape[0]), seq_len=int(cache.get_seq_length()), kv_bytes=kv_bytes,
-                pool_bytes=kv_bytes, dense_bytes=kv_bytes)
+    return dict(kind="stock", rows=stats.rows, seq_len=stats.max_seq_len, kv_bytes=stats.peak_kv_bytes,
+                pool_bytes=stats.peak_kv_bytes, dense_bytes=stats.peak_kv_bytes)
 
 
 def _cache_of(kwargs: dict):
